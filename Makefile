@@ -1,0 +1,63 @@
+# llama-grpc: every target installs what it needs first.
+#   make run    start tokenizer, model and gateway on the embedded default model (Ctrl-C stops all)
+#   make test   the whole suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build on this project's machines; on a CUDA machine `make install TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+# Point the whole stack at another model: make run CHECKPOINT=/path/to/Meta-Llama-3-8B-Instruct
+CHECKPOINT ?=
+TOKENIZER ?= $(CHECKPOINT)
+PYTEST_ARGS ?=
+
+.PHONY: install node assets protos check-protos lint test run bench bench-tokenizer bench-model bench-engine clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+node: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+assets: install
+	$(PY) -m llama.serving.assets
+
+protos: install
+	$(PY) protos/generate.py
+
+# Stubs match the .proto files; buf lint (STANDARD); buf breaking against the previous commit.
+check-protos: install node
+	$(PY) protos/generate.py --check
+	cd protos && ../node_modules/.bin/buf lint
+	@if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:protos/buf.yaml 2>/dev/null; then \
+		cd protos && ../node_modules/.bin/buf breaking --against '../.git#ref=HEAD~1,subdir=protos' && echo "buf breaking: OK against HEAD~1"; \
+	else echo "buf breaking: no previous protos to compare"; fi
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install node assets check-protos lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: install assets
+	$(PY) -m gateway.stack $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache
+
+# Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
+bench: bench-tokenizer bench-model bench-engine
+bench-tokenizer: install assets
+	$(PY) bench/tokenizer_bench.py
+bench-model: install assets
+	$(PY) bench/model_bench.py
+bench-engine: install assets
+	$(PY) bench/engine_bench.py

@@ -1,0 +1,1 @@
+"""Plumbing shared by the three servers: flags, logs, metrics, errors, health, assets."""
