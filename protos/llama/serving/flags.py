@@ -1,0 +1,57 @@
+"""Command-line flags that also read from the environment (for containers).
+
+Every flag ``--max-batch-size`` of the model service has the twin ``LLAMA_MODEL_MAX_BATCH_SIZE``;
+``--help`` lists both. An explicit flag beats the variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+class ServerArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose flags default to ``{env_prefix}_{FLAG}`` environment variables."""
+
+    def __init__(self, *, env_prefix: str, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+        self.env_prefix = env_prefix
+
+    def add_flag(self, flag: str, *, env: str | None = None, **kwargs: Any) -> argparse.Action:
+        """Add ``flag`` with an environment twin (``env`` or the derived name)."""
+        env = env or f"{self.env_prefix}_{flag.lstrip('-').upper().replace('-', '_')}"
+        if env in os.environ:
+            raw = os.environ[env]
+            if kwargs.get("action") == "store_true":
+                kwargs["default"] = raw.strip().lower() in {"1", "true", "yes", "on"}
+            else:
+                convert = kwargs.get("type", str)
+                try:
+                    kwargs["default"] = convert(raw)
+                except (TypeError, ValueError) as exc:
+                    self.error(f"environment variable {env}={raw!r} is not valid for {flag}: {exc}")
+            kwargs.pop("required", None)
+        kwargs["help"] = f"{kwargs.get('help', '')} [env: {env}]".strip()
+        return self.add_argument(flag, **kwargs)
+
+
+def server_parser(*, service: str, description: str, port: int, metrics_port: int) -> ServerArgumentParser:
+    """The flags every server takes: where to listen, metrics, logs, shutdown, TLS."""
+    parser = ServerArgumentParser(
+        prog=f"python -m {service}_service" if service != "gateway" else "python -m gateway",
+        description=description,
+        env_prefix=f"LLAMA_{service.upper()}",
+    )
+    parser.add_flag("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_flag("--port", type=int, default=port, help="gRPC port")
+    parser.add_flag("--metrics-port", type=int, default=metrics_port,
+                    help="Prometheus /metrics port (0: off)")
+    parser.add_flag("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    type=str.lower, help="log level")
+    parser.add_flag("--grace-period", type=float, default=30.0,
+                    help="seconds in-flight calls get to finish after SIGTERM")
+    parser.add_flag("--tls-cert", default=None, help="PEM certificate chain: serve TLS instead of plaintext")
+    parser.add_flag("--tls-key", default=None, help="PEM private key for --tls-cert")
+    return parser
