@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 node: node_modules/.installed
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 assets: install
