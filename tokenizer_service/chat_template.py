@@ -1,0 +1,168 @@
+"""A model's own Jinja chat template (GGUF ``tokenizer.chat_template``, HF ``tokenizer_config.json``).
+
+Rendered the way Hugging Face transformers renders it (``ImmutableSandboxedEnvironment`` with
+``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``), so a template
+cannot reach Python internals. The rendered text is then encoded so that only the template's own
+special-token text becomes special tokens: each message's content is wrapped in two private-use
+marker characters before rendering, and special-token text between a pair of markers is encoded as
+ordinary text. A user who types ``<|im_end|>`` gets the tokens of those characters, never id 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llama.serving.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .byte_level import Vocabulary
+    from .tokenizer import ChatPrompt, Tokenizer
+
+
+class TemplateRefusal(jinja2.TemplateError):
+    """``raise_exception("...")`` in a template: the messages break the template's rules."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRefusal(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON (as in transformers).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def template_environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _marker_pair(texts: list[str]) -> tuple[str, str]:
+    """Two characters from the supplementary private-use planes that occur in none of ``texts``."""
+    used = set().union(*map(set, texts))
+    free = (chr(c) for c in (*range(0xF0000, 0xFFFFE), *range(0x100000, 0x10FFFE)) if chr(c) not in used)
+    try:
+        return next(free), next(free)
+    except StopIteration:
+        raise InvalidArgument("messages", "uses every private-use character; cannot mark content") from None
+
+
+class JinjaChatFormat:
+    name = "jinja"
+    roles = ("system", "user", "assistant", "tool")
+
+    def __init__(self, tokenizer: Tokenizer, vocab: Vocabulary) -> None:
+        assert vocab.chat_template is not None
+        self.tokenizer = tokenizer
+        self.source = vocab.chat_template
+        self.template = template_environment().from_string(vocab.chat_template)
+        self.variables = {"bos_token": vocab.bos_token, "eos_token": vocab.eos_token, **vocab.extra}
+        # Longest first, so a special token that is a prefix of another never wins.
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self.variables)
+        except TemplateRefusal as exc:
+            raise InvalidArgument("messages", f"the model's chat template refused them: {exc}") from exc
+        except jinja2.TemplateError as exc:  # SecurityError, UndefinedError, ...: still about these messages
+            raise InvalidArgument("messages", f"the model's chat template failed on them: {exc}") from exc
+
+    def apply(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> ChatPrompt:
+        from .tokenizer import ChatPrompt
+
+        for index, (role, _) in enumerate(messages):
+            if role not in self.roles:
+                raise InvalidArgument(f"messages[{index}].role",
+                                      f"unknown role {role!r}; expected one of {', '.join(self.roles)}")
+        plain = [{"role": role, "content": content} for role, content in messages]
+        text = self.render(plain, add_generation_prompt)
+        open_mark, close_mark = _marker_pair([self.source, text, *(content for _, content in messages)])
+        # Markers go inside the content's own surrounding whitespace, so `| trim` keeps them.
+        marked = [{"role": role, "content": _wrap(content, open_mark, close_mark)} for role, content in messages]
+        pieces = self._marked_pieces(self.render(marked, add_generation_prompt), open_mark, close_mark)
+        if pieces is None or self._join(pieces) != text:
+            pieces = self._unmarked_pieces(text, messages)
+        token_ids: list[int] = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                token_ids.append(piece)
+            else:
+                token_ids.extend(self.tokenizer.encode(piece))
+        return ChatPrompt(token_ids=token_ids, text=text)
+
+    def _split_specials(self, text: str) -> Iterator[str | int]:
+        """``text`` as ordinary runs and special-token ids, in order."""
+        position = 0
+        if self.special_pattern is not None:
+            for match in self.special_pattern.finditer(text):
+                yield text[position:match.start()]
+                yield self.tokenizer.special_tokens[match.group()]
+                position = match.end()
+        yield text[position:]
+
+    def _marked_pieces(self, marked: str, open_mark: str, close_mark: str) -> list[str | int] | None:
+        """Text runs (markers removed, content kept ordinary) and template special-token ids; None
+        when the markers do not come in open/close pairs."""
+        parts = re.split(f"({re.escape(open_mark)}|{re.escape(close_mark)})", marked)
+        # parts: outside, OPEN, content, CLOSE, outside, OPEN, ...
+        pieces: list[str | int] = []
+        for index, part in enumerate(parts):
+            if index % 2:
+                if part != (open_mark if index % 4 == 1 else close_mark):
+                    return None
+            elif index % 4 == 2:
+                pieces.append(part)
+            else:
+                pieces.extend(self._split_specials(part))
+        if len(parts) % 4 != 1:  # an OPEN without its CLOSE
+            return None
+        return _merge_text(pieces)
+
+    def _unmarked_pieces(self, text: str, messages: list[tuple[str, str]]) -> list[str | int]:
+        """The template moved or changed the markers (it edits content beyond trimming). Special-token
+        text in the rendering is then only safe to honour when no message carries any."""
+        for index, (_, content) in enumerate(messages):
+            if self.special_pattern is not None and self.special_pattern.search(content):
+                raise InvalidArgument(f"messages[{index}].content", "contains special-token text, which this "
+                                      "model's chat template would not keep as plain text")
+        return _merge_text(list(self._split_specials(text)))
+
+    def _join(self, pieces: list[str | int]) -> str:
+        names = {token_id: text for text, token_id in self.tokenizer.special_tokens.items()}
+        return "".join(piece if isinstance(piece, str) else names[piece] for piece in pieces)
+
+
+def _merge_text(pieces: list[str | int]) -> list[str | int]:
+    """Join neighbouring text runs (content and template text around it pre-tokenize together, as
+    they do when Hugging Face encodes the rendered prompt) and drop empty ones."""
+    merged: list[str | int] = []
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        elif piece != "":
+            merged.append(piece)
+    return merged
+
+
+def _wrap(content: str, open_mark: str, close_mark: str) -> str:
+    core = content.strip()
+    start = len(content) - len(content.lstrip())
+    return content[:start] + open_mark + core + close_mark + content[start + len(core):]

@@ -1,0 +1,79 @@
+"""Read the key/value metadata of a GGUF file (where a model keeps its tokenizer), not its tensors.
+
+The format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic "GGUF", a uint32
+version (2 or 3), uint64 tensor and key/value counts, then the key/value pairs, little-endian. The
+metadata sits at the start of the file, so reading it costs milliseconds whatever the model's size;
+the ``gguf`` package's reader maps every tensor too, which takes seconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+# GGUF value type -> struct format of a scalar of that type.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(ValueError):
+    pass
+
+
+class _Cursor:
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.offset = 0
+
+    def unpack(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self.data, self.offset)
+        self.offset += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.unpack("Q")
+        raw = self.data[self.offset:self.offset + length]
+        if len(raw) != length:
+            raise GGUFError("truncated string")
+        self.offset += length
+        # Vocab strings are UTF-8; a tokenizer with raw byte tokens would store them escaped.
+        return raw.decode("utf-8", errors="surrogateescape")
+
+    def value(self, value_type: int) -> Any:
+        if value_type in _SCALARS:
+            return self.unpack(_SCALARS[value_type])
+        if value_type == _STRING:
+            return self.string()
+        if value_type == _ARRAY:
+            item_type, count = self.unpack("I"), self.unpack("Q")
+            if item_type in _SCALARS:
+                fmt = f"<{count}{_SCALARS[item_type]}"
+                values = list(struct.unpack_from(fmt, self.data, self.offset))
+                self.offset += struct.calcsize(fmt)
+                return values
+            return [self.value(item_type) for _ in range(count)]
+        raise GGUFError(f"unknown GGUF value type {value_type}")
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file (``tokenizer.ggml.tokens``, ``general.architecture``, ...)."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cursor = _Cursor(data)
+        try:
+            if data[:4] != b"GGUF":
+                raise GGUFError(f"{path} is not a GGUF file (magic {bytes(data[:4])!r})")
+            cursor.offset = 4
+            version = cursor.unpack("I")
+            if version not in (2, 3):
+                raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+            cursor.unpack("Q")  # tensor count: the tensors are not read here
+            kv_count = cursor.unpack("Q")
+            metadata: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key = cursor.string()
+                metadata[key] = cursor.value(cursor.unpack("I"))
+            return metadata
+        except struct.error as exc:
+            raise GGUFError(f"{path}: truncated GGUF metadata ({exc})") from exc

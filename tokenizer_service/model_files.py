@@ -1,0 +1,130 @@
+"""A model's own tokenizer files -> ``Vocabulary``: GGUF metadata or a Hugging Face tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .byte_level import (
+    GGUF_PRE_TOKENIZERS,
+    GPT2_PATTERN,
+    SMOLLM_PATTERN,
+    UnsupportedTokenizer,
+    Vocabulary,
+    check_rank_order,
+    split_vocab,
+)
+from .gguf_metadata import read_gguf_metadata
+
+# llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+_ORDINARY_TOKEN_TYPES = {1, 6}
+
+
+def vocab_from_gguf(path: Path) -> Vocabulary:
+    meta = read_gguf_metadata(path)
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UnsupportedTokenizer(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise UnsupportedTokenizer(f"{path}: pre-tokenizer {pre!r} is not one of {sorted(GGUF_PRE_TOKENIZERS)}")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    special_ids = {i for i, kind in enumerate(types) if kind not in _ORDINARY_TOKEN_TYPES}
+    check_rank_order(meta.get("tokenizer.ggml.merges", []), {t: i for i, t in enumerate(tokens)}, str(path))
+    ranks, specials = split_vocab(tokens, special_ids)
+    eos = int(meta["tokenizer.ggml.eos_token_id"])
+    bos = int(meta.get("tokenizer.ggml.bos_token_id", -1))
+    stops = [eos] + [int(meta[key]) for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                     if key in meta and int(meta[key]) != eos]
+    return Vocabulary(
+        name=path.name,
+        pattern=GGUF_PRE_TOKENIZERS[pre],
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        stop_token_ids=sorted(set(stops)),
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token=tokens[bos] if 0 <= bos < len(tokens) else "",
+        eos_token=tokens[eos],
+    )
+
+
+def _hf_pattern(pre_tokenizer: dict[str, Any] | None, source: str) -> str:
+    """The one regex equivalent to a tokenizer.json pre-tokenizer, for the shapes byte-level BPEs use."""
+    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer] if pre_tokenizer else []
+    kinds = [step.get("type") for step in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if byte_level is None or byte_level.get("add_prefix_space"):
+        raise UnsupportedTokenizer(f"{source}: pre-tokenizer {kinds} is not a byte-level BPE without prefix space")
+    if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+        return SMOLLM_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
+        split = steps[0]
+        if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return split["pattern"]["Regex"]
+    raise UnsupportedTokenizer(f"{source}: pre-tokenizer {kinds} is not supported")
+
+
+def _token_text(value: Any) -> str:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content", "")
+    return value or ""
+
+
+def vocab_from_hf_dir(directory: Path) -> Vocabulary:
+    source = str(directory / "tokenizer.json")
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or spec.get("normalizer") is not None or model.get("byte_fallback"):
+        raise UnsupportedTokenizer(f"{source}: only byte-level BPE without a normalizer is supported")
+    pattern = _hf_pattern(spec.get("pre_tokenizer"), source)
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {token["id"]: token["content"] for token in spec.get("added_tokens", [])}
+    for token_id, text in added.items():
+        vocab[text] = token_id
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+    holes = [i for i, text in enumerate(tokens) if not text]
+    if holes:
+        raise UnsupportedTokenizer(f"{source}: ids {holes[:5]} have no token")
+    check_rank_order(model.get("merges", []), vocab, source)
+    # Every added token is treated as special: text never turns into one unless allowed.
+    ranks, specials = split_vocab(tokens, set(added))
+
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {entry["name"]: entry["template"] for entry in template}
+        template = named.get("default", next(iter(named.values()), None))
+    bos_token, eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    if eos_token not in vocab:
+        raise UnsupportedTokenizer(f"{config_path}: eos_token {eos_token!r} is not in the vocab")
+    eos = vocab[eos_token]
+    stops = {eos}
+    generation_config = directory / "generation_config.json"
+    if generation_config.exists():
+        configured = json.loads(generation_config.read_text()).get("eos_token_id")
+        stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    extra = {key: _token_text(config.get(key)) for key in ("unk_token", "pad_token") if config.get(key)}
+    return Vocabulary(
+        name=directory.name,
+        pattern=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+        bos_token_id=vocab.get(bos_token, -1),
+        eos_token_id=eos,
+        stop_token_ids=sorted(stops),
+        chat_template=template,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        extra=extra,
+    )

@@ -1,0 +1,207 @@
+"""The tokenizer core: tiktoken over a ``Vocabulary``, plus chat formatting and streaming decode.
+
+Plain Python in, plain Python out (no protobuf); bad input raises ``InvalidArgument`` naming the field.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import regex
+import tiktoken
+from llama.serving.errors import FailedPrecondition, InvalidArgument
+
+from .byte_level import Vocabulary
+from .chat_template import JinjaChatFormat
+from .llama3 import Llama3ChatFormat
+
+# Meta's reference: "The tiktoken tokenizer can handle <=400k chars without pyo3_runtime.PanicException"
+# and https://github.com/openai/tiktoken/issues/195 for runs of (non-)whitespace.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+# Finds a run longer than the limit in linear time: an attempt only starts where a run starts.
+_LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_NO_WHITESPACES_CHARS + 1}}}|(?<!\S)\S{{{MAX_NO_WHITESPACES_CHARS + 1}}}")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    token_ids: list[int]
+    text: str  # the rendered prompt, special tokens included
+
+
+def split_whitespaces_or_nonwhitespaces(s: str, max_consecutive_slice_len: int) -> Iterator[str]:
+    """Meta's ``_split_whitespaces_or_nonwhitespaces``, verbatim: pieces with no run of more than
+    ``max_consecutive_slice_len`` whitespace or non-whitespace characters."""
+    current_slice_len = 0
+    current_slice_is_space = s[0].isspace() if len(s) > 0 else False
+    slice_start = 0
+    for i in range(len(s)):
+        is_now_space = s[i].isspace()
+        if current_slice_is_space ^ is_now_space:
+            current_slice_len = 1
+            current_slice_is_space = is_now_space
+        else:
+            current_slice_len += 1
+            if current_slice_len > max_consecutive_slice_len:
+                yield s[slice_start:i]
+                slice_start = i
+                current_slice_len = 1
+    yield s[slice_start:]
+
+
+class Tokenizer:
+    def __init__(self, vocab: Vocabulary) -> None:
+        self.name = vocab.name
+        self.vocab_size = vocab.vocab_size
+        self.bos_token_id = vocab.bos_token_id
+        self.eos_token_id = vocab.eos_token_id
+        self.stop_token_ids = list(vocab.stop_token_ids)
+        self.special_tokens = dict(vocab.special_tokens)
+        self._special_ids = frozenset(self.special_tokens.values())
+        self._special_names = {token_id: text for text, token_id in self.special_tokens.items()}
+        self._meta_chunking = vocab.meta_chunking
+        self._encoding = tiktoken.Encoding(
+            name=vocab.name, pat_str=vocab.pattern, mergeable_ranks=vocab.mergeable_ranks,
+            special_tokens=vocab.special_tokens)
+        known = set(vocab.mergeable_ranks.values()) | self._special_ids
+        self._holes = frozenset(range(self.vocab_size)) - known  # ids no token has (tiktoken cannot decode)
+        by_length = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        # Bytes with no token of their own make tiktoken panic; Hugging Face drops them from each
+        # pre-tokenized piece, and so do we (slowly, only for text that has them).
+        missing = bytes(b for b in range(256) if bytes([b]) not in vocab.mergeable_ranks)
+        self._missing_bytes = missing
+        self._has_missing = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]").search \
+            if missing else None
+        self._pieces = regex.compile(vocab.pattern)
+        if vocab.meta_chunking:
+            self.chat: Llama3ChatFormat | JinjaChatFormat | None = Llama3ChatFormat(self)
+        elif vocab.chat_template:
+            self.chat = JinjaChatFormat(self, vocab)
+        else:
+            self.chat = None
+        self.chat_format = self.chat.name if self.chat else "none"
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, chat_format={self.chat_format!r})"
+
+    # --- encode --------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
+               allow_special: bool = False) -> list[int]:
+        """Text -> ids. Special-token text is ordinary text unless ``allow_special``."""
+        if not isinstance(text, str):
+            raise InvalidArgument("text", f"must be a string, not {type(text).__name__}")
+        ids: list[int] = []
+        if add_bos:
+            if self.bos_token_id < 0:
+                raise InvalidArgument("add_bos", f"{self.name} has no BOS token")
+            ids.append(self.bos_token_id)
+        for chunk in self._chunks(text):
+            if allow_special and self._special_pattern is not None:
+                position = 0
+                for match in self._special_pattern.finditer(chunk):
+                    ids.extend(self._encode_ordinary(chunk[position:match.start()]))
+                    ids.append(self.special_tokens[match.group()])
+                    position = match.end()
+                ids.extend(self._encode_ordinary(chunk[position:]))
+            else:
+                ids.extend(self._encode_ordinary(chunk))
+        if add_eos:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def _chunks(self, text: str) -> Iterator[str]:
+        if not self._meta_chunking:
+            yield text
+            return
+        for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+            piece = text[start:start + TIKTOKEN_MAX_ENCODE_CHARS]
+            if _LONG_RUN.search(piece):  # rare: cut runs exactly as the reference does
+                yield from split_whitespaces_or_nonwhitespaces(piece, MAX_NO_WHITESPACES_CHARS)
+            else:  # what the reference's splitter yields for a piece without long runs
+                yield piece
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._has_missing is None or not self._has_missing(text.encode("utf-8", "surrogatepass")):
+            return self._encoding.encode_ordinary(text)
+        ids: list[int] = []
+        for piece in self._pieces.findall(text):
+            raw = piece.encode("utf-8", "surrogatepass").translate(None, self._missing_bytes)
+            if raw:
+                ids.extend(self._encoding._encode_single_piece(raw))
+        return ids
+
+    # --- decode --------------------------------------------------------------------------------
+    def check_ids(self, ids: Sequence[int], field: str = "token_ids") -> None:
+        if not ids:
+            return
+        if min(ids) < 0 or max(ids) >= self.vocab_size or (self._holes and not self._holes.isdisjoint(ids)):
+            for index, token_id in enumerate(ids):
+                if not 0 <= token_id < self.vocab_size or token_id in self._holes:
+                    raise InvalidArgument(f"{field}[{index}]", f"token id {token_id} is not in the vocabulary "
+                                          f"(0..{self.vocab_size - 1})")
+
+    def decode_bytes(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> bytes:
+        self.check_ids(ids)
+        if skip_special_tokens:
+            ids = [token_id for token_id in ids if token_id not in self._special_ids]
+        return self._encoding.decode_bytes(list(ids))
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Ids -> text; bytes that are not whole UTF-8 read as U+FFFD, as in the reference."""
+        return self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    # --- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Any], *, add_generation_prompt: bool = True) -> ChatPrompt:
+        """Messages ((role, content) pairs, or objects/mappings with role and content) -> prompt."""
+        if self.chat is None:
+            raise FailedPrecondition(f"{self.name} has no chat template")
+        if not messages:
+            raise InvalidArgument("messages", "at least one message is required")
+        pairs = [_role_and_content(index, message) for index, message in enumerate(messages)]
+        return self.chat.apply(pairs, add_generation_prompt)
+
+
+def _role_and_content(index: int, message: Any) -> tuple[str, str]:
+    if isinstance(message, Mapping):
+        role, content = message.get("role"), message.get("content")
+    elif isinstance(message, tuple | list) and len(message) == 2:
+        role, content = message
+    else:
+        role, content = getattr(message, "role", None), getattr(message, "content", None)
+    if not isinstance(role, str):
+        raise InvalidArgument(f"messages[{index}].role", "must be a string")
+    if not isinstance(content, str):
+        raise InvalidArgument(f"messages[{index}].content", "must be a string")
+    return role, content
+
+
+class StreamDecoder:
+    """Decodes ids as they arrive; ``push`` returns only whole UTF-8 text. A character split over
+    tokens is held back until its last byte arrives. ``push``... + ``flush()`` == ``decode(all)``."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # The incremental decoder replaces bad bytes exactly as a one-shot decode(errors="replace").
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: Sequence[int]) -> str:
+        raw = self.tokenizer.decode_bytes(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._utf8.decode(raw, final=False)
+
+    def flush(self) -> str:
+        """The end of the stream: an incomplete character left over becomes U+FFFD."""
+        return self._utf8.decode(b"", final=True)
