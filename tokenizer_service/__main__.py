@@ -1,0 +1,53 @@
+"""``python -m tokenizer_service --tokenizer PATH``: the tokenizer gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import structlog
+from llama.serving.flags import ServerArgumentParser, server_parser
+from llama.serving.logs import configure_logging
+from llama.serving.server import GrpcServer
+from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from .loader import load_tokenizer
+from .servicer import TokenizerServicer
+
+log = structlog.get_logger()
+
+
+def parser() -> ServerArgumentParser:
+    flags = server_parser(service="tokenizer", port=50051, metrics_port=9091,
+                          description="Llama 3 / GGUF / Hugging Face tokenizer and chat formats over gRPC.")
+    flags.add_flag("--tokenizer", env="LLAMA_TOKENIZER_PATH", default=None,
+                   help="a Llama 3 tokenizer.model, a Meta or Hugging Face checkpoint directory, or a .gguf "
+                        "file (default: the embedded SmolLM2-135M-Instruct model)")
+    flags.add_flag("--max-input-chars", type=int, default=4_000_000,
+                   help="longest Encode text (and total chat message content) accepted, in characters")
+    return flags
+
+
+async def serve(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging("tokenizer", args.log_level)
+    servicer = TokenizerServicer(max_input_chars=args.max_input_chars)
+    server = GrpcServer("tokenizer", args)
+    server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
+               tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
+
+    async def startup() -> None:
+        tokenizer = await asyncio.to_thread(load_tokenizer, args.tokenizer)
+        servicer.tokenizer = tokenizer
+        log.info("tokenizer loaded", name=tokenizer.name, vocab_size=tokenizer.vocab_size,
+                 chat_format=tokenizer.chat_format)
+
+    return await server.run(startup=startup)
+
+
+def main() -> None:
+    sys.exit(asyncio.run(serve()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""``llama.tokenizer.v1.TokenizerService``: protobuf <-> the plain tokenizer core, nothing more.
+
+Errors are raised, not aborted: the shared interceptor maps ``InvalidArgument`` & co. to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, TypeVar
+
+import grpc
+from llama.serving.errors import InvalidArgument, Unavailable
+from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from prometheus_client import Counter
+
+from .tokenizer import Tokenizer
+
+# Below this many characters (or ids) work runs on the event loop: a thread hop costs more than it.
+# Above it, tiktoken runs in a worker thread with the GIL released, so large requests use every core.
+_INLINE_LIMIT = 8192
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TokenMetrics:
+    encoded: Counter
+    decoded: Counter
+
+
+@cache
+def token_metrics() -> TokenMetrics:
+    return TokenMetrics(
+        encoded=Counter("llama_tokenizer_tokens_encoded_total", "Token ids produced by Encode and ApplyChatTemplate"),
+        decoded=Counter("llama_tokenizer_tokens_decoded_total", "Token ids turned into text by Decode and DecodeStream"),
+    )
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self, max_input_chars: int) -> None:
+        self.tokenizer: Tokenizer | None = None  # set once loaded; until then calls get UNAVAILABLE
+        self.max_input_chars = max_input_chars
+        self.metrics = token_metrics()
+
+    def _ready(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise Unavailable("the tokenizer is still loading")
+        return self.tokenizer
+
+    def _check_size(self, field: str, chars: int) -> None:
+        if chars > self.max_input_chars:
+            raise InvalidArgument(field, f"{chars} characters is more than the limit of {self.max_input_chars} "
+                                  "(--max-input-chars)")
+
+    async def _run(self, size: int, work: Callable[[], _T]) -> _T:
+        return work() if size <= _INLINE_LIMIT else await asyncio.to_thread(work)
+
+    async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Any:
+        tokenizer = self._ready()
+        text = request.text
+        self._check_size("text", len(text))
+        ids = await self._run(len(text), lambda: tokenizer.encode(
+            text, add_bos=request.add_bos, add_eos=request.add_eos, allow_special=request.allow_special))
+        self.metrics.encoded.inc(len(ids))
+        return tokenizer_pb2.EncodeResponse(token_ids=ids)
+
+    async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext) -> Any:
+        tokenizer = self._ready()
+        ids = list(request.token_ids)
+        text = await self._run(len(ids) * 4, lambda: tokenizer.decode(
+            ids, skip_special_tokens=request.skip_special_tokens))
+        self.metrics.decoded.inc(len(ids))
+        return tokenizer_pb2.DecodeResponse(text=text)
+
+    async def DecodeStream(self, request_iterator: AsyncIterator[tokenizer_pb2.DecodeStreamRequest],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.DecodeStreamResponse]:
+        tokenizer = self._ready()
+        decoder = None
+        async for request in request_iterator:
+            if decoder is None:  # options come from the first message
+                decoder = tokenizer.stream_decoder(skip_special_tokens=request.skip_special_tokens)
+            ids = list(request.token_ids)
+            text = decoder.push(ids)
+            self.metrics.decoded.inc(len(ids))
+            # One reply per request (empty while a character is incomplete) keeps callers in lockstep.
+            yield tokenizer_pb2.DecodeStreamResponse(text=text)
+        if decoder is not None and (tail := decoder.flush()):
+            yield tokenizer_pb2.DecodeStreamResponse(text=tail)
+
+    async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
+                                context: grpc.aio.ServicerContext) -> Any:
+        tokenizer = self._ready()
+        messages = [(message.role, message.content) for message in request.messages]
+        chars = sum(len(content) for _, content in messages)
+        self._check_size("messages", chars)
+        add_generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        prompt = await self._run(chars, lambda: tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt))
+        self.metrics.encoded.inc(len(prompt.token_ids))
+        return tokenizer_pb2.ApplyChatTemplateResponse(token_ids=prompt.token_ids, text=prompt.text)
+
+    async def GetTokenizerInfo(self, request: tokenizer_pb2.GetTokenizerInfoRequest,
+                               context: grpc.aio.ServicerContext) -> Any:
+        tokenizer = self._ready()
+        return tokenizer_pb2.GetTokenizerInfoResponse(
+            vocab_size=tokenizer.vocab_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_token_ids=tokenizer.stop_token_ids,
+            special_tokens=tokenizer.special_tokens,
+            chat_format=tokenizer.chat_format,
+            name=tokenizer.name,
+        )
