@@ -1,0 +1,138 @@
+"""``python -m gateway``: the public API over the tokenizer and model services.
+
+Start-up waits (health NOT_SERVING) until both upstreams answer SERVING, then checks that they
+serve the same model (agreement.py) and exits 1 with the differences when they do not. While
+serving, a monitor checks both upstreams every ``--health-interval`` seconds: health is SERVING only
+while both are, and an upstream that comes back (maybe restarted with another model) is checked for
+agreement again before the gateway reports SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import structlog
+from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llama.serving.flags import server_parser
+from llama.serving.logs import configure_logging
+from llama.serving.server import GrpcServer
+
+from . import metrics
+from .agreement import check_agreement
+from .completion import Completions
+from .request import Limits
+from .servicer import GatewayServicer
+from .upstream import ModelClient, TokenizerClient
+
+log = structlog.get_logger()
+
+
+def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespace)
+    parser = server_parser(service="gateway", port=50050, metrics_port=9090,
+                           description="llama-grpc gateway: text and chat completion over the tokenizer and "
+                                       "model services")
+    parser.add_flag("--tokenizer-address", default="localhost:50051", help="tokenizer service host:port")
+    parser.add_flag("--model-address", default="localhost:50052",
+                    help="model service: host:port, several replicas as host:port,host:port, or a "
+                         "dns:///name:port target (calls are balanced round-robin)")
+    parser.add_flag("--max-stop-sequences", type=int, default=16, help="most stop sequences per request")
+    parser.add_flag("--max-stop-sequence-chars", type=int, default=256, help="longest stop sequence (characters)")
+    parser.add_flag("--health-interval", type=float, default=1.0, help="seconds between upstream health checks")
+    return parser.parse_args(argv)
+
+
+class Gateway:
+    def __init__(self, args) -> None:  # noqa: ANN001
+        self.args = args
+        self.tokenizer = TokenizerClient(args.tokenizer_address)
+        self.model = ModelClient(args.model_address)
+        self.completions = Completions(self.tokenizer, self.model, Limits(
+            max_stop_sequences=args.max_stop_sequences, max_stop_sequence_chars=args.max_stop_sequence_chars))
+        self.servicer = GatewayServicer(self.completions)
+        self.server = GrpcServer("gateway", args)
+        self.server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer,
+                        gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name)
+        self._monitor: asyncio.Task | None = None
+
+    async def _health(self) -> tuple[bool, bool]:
+        tokenizer_ok, model_ok = await asyncio.gather(self.tokenizer.healthy(), self.model.healthy())
+        metrics.UPSTREAM_UP.labels("tokenizer").set(tokenizer_ok)
+        metrics.UPSTREAM_UP.labels("model").set(model_ok)
+        return tokenizer_ok, model_ok
+
+    async def agree(self) -> str | None:
+        """Compare the two upstreams, take the model's limits; return the refusal message, if any."""
+        tokenizer_info, model_info = await asyncio.gather(self.tokenizer.info(), self.model.info())
+        agreement = check_agreement(tokenizer_info.vocab_size, tokenizer_info.stop_token_ids,
+                                    model_info.vocab_size, model_info.stop_token_ids)
+        if not agreement.ok:
+            return (f"tokenizer service at {self.tokenizer.address} ({tokenizer_info.name or 'tokenizer'}) and model "
+                    f"service at {self.model.address} ({model_info.model_name or 'model'}) do not serve the same "
+                    f"model: " + "; ".join(agreement.problems))
+        self.completions.limits = Limits(
+            max_stop_sequences=self.args.max_stop_sequences,
+            max_stop_sequence_chars=self.args.max_stop_sequence_chars,
+            vocab_size=tokenizer_info.vocab_size, max_seq_len=model_info.max_seq_len)
+        self.completions.extra_stop_token_ids = agreement.extra_stop_token_ids
+        self.tokenizer.forget_token_texts()
+        log.info("upstreams agree", tokenizer=tokenizer_info.name, model=model_info.model_name,
+                 vocab_size=tokenizer_info.vocab_size, model_vocab_size=model_info.vocab_size,
+                 max_seq_len=model_info.max_seq_len, stop_token_ids=list(model_info.stop_token_ids),
+                 extra_stop_token_ids=list(agreement.extra_stop_token_ids))
+        return None
+
+    async def startup(self) -> None:
+        next_log = 0.0
+        while (health := await self._health()) != (True, True):
+            if time.monotonic() >= next_log:  # say what we wait for, every 10 s
+                down = [f"{u.name} at {u.address}" for u, ok in zip((self.tokenizer, self.model), health,
+                                                                    strict=True) if not ok]
+                log.info("waiting for upstreams", waiting_for=down)
+                next_log = time.monotonic() + 10
+            await asyncio.sleep(self.args.health_interval)
+        refusal = await self.agree()
+        if refusal:
+            print(f"gateway: refusing to start: {refusal}", file=sys.stderr, flush=True)
+            raise RuntimeError(refusal)
+        self._monitor = asyncio.create_task(self.monitor())
+
+    async def monitor(self) -> None:
+        """Keep health in step with the upstreams; re-check agreement when one comes back."""
+        was_up = (True, True)
+        while True:
+            await asyncio.sleep(self.args.health_interval)
+            up = await self._health()
+            if up != was_up:
+                log.warning("upstream health changed", tokenizer_serving=up[0], model_serving=up[1])
+            if all(up) and (not all(was_up) or self.servicer.refusal):
+                try:
+                    self.servicer.refusal = await self.agree()
+                except Exception as error:  # noqa: BLE001 -- went down again meanwhile: retry next round
+                    log.warning("agreement check failed", error=str(error))
+                    up = (False, False)
+                if self.servicer.refusal:
+                    log.error("upstreams disagree; not serving", reason=self.servicer.refusal)
+            await self.server.set_serving(all(up) and not self.servicer.refusal)
+            was_up = up
+
+    async def drain(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+
+    async def run(self) -> int:
+        try:
+            return await self.server.run(startup=self.startup, drain=self.drain)
+        finally:
+            await asyncio.gather(self.tokenizer.close(), self.model.close())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("gateway", args.log_level)
+    return asyncio.run(Gateway(args).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

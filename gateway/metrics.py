@@ -1,0 +1,14 @@
+"""Gateway metrics beyond the request counters every server has (llama.serving.metrics)."""
+
+from __future__ import annotations
+
+from llama.serving.metrics import LATENCY_BUCKETS
+from prometheus_client import Counter, Gauge, Histogram
+
+UPSTREAM_UP = Gauge("llama_gateway_upstream_up", "1 while the upstream service answers its health check SERVING",
+                    ["upstream"])
+TIME_TO_FIRST_CHUNK = Histogram("llama_gateway_time_to_first_token_seconds",
+                                "From request to the model's first generated tokens (tokenize + queue + prefill)",
+                                buckets=LATENCY_BUCKETS)
+GENERATED_TOKENS = Counter("llama_gateway_generated_tokens_total", "Tokens received from the model service")
+FINISHED = Counter("llama_gateway_completions_total", "Completions by finish reason", ["finish_reason"])

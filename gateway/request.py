@@ -1,0 +1,133 @@
+"""A completion request as plain Python, and the checks it must pass before any upstream call.
+
+Error messages start with the field as a grpcurl user writes it (``sampling.top_p``,
+``messages[2].role``) and say what is allowed, so a caller can fix the request without reading code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llama.serving.errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float | None = None  # None: the model service default (0.6)
+    top_p: float | None = None  # None: 0.9
+    top_k: int = 0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Stopping:
+    max_new_tokens: int = 0  # 0: the model service default
+    stop_sequences: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    strict_context_limit: bool = False
+
+
+@dataclass(frozen=True)
+class Output:
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    stopping: Stopping = field(default_factory=Stopping)
+    output: Output = field(default_factory=Output)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the gateway accepts (flags), and what the served model allows (from GetModelInfo)."""
+
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+    vocab_size: int = 0  # 0: unknown, token ids are not range-checked here
+    max_seq_len: int = 0  # 0: unknown, prompt length is left to the model service
+
+
+def validate_input(prompt: str, messages: tuple[ChatMessage, ...], *, text_field: str = "prompt") -> None:
+    """Exactly one of text / messages, non-empty, with known roles."""
+    if prompt and messages:
+        raise InvalidArgument(text_field, f"set exactly one of {text_field} and messages, not both")
+    if not prompt and not messages:
+        raise InvalidArgument(text_field, f"empty input: set {text_field} (text) or messages (chat)")
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(f"messages[{index}].role",
+                                  f"unknown role {message.role[:40]!r}; use one of {', '.join(ROLES)}")
+
+
+def validate(request: CompletionRequest, limits: Limits) -> None:
+    """Raise ``InvalidArgument`` naming the first field that is wrong."""
+    validate_input(request.prompt, request.messages)
+    _validate_sampling(request.sampling)
+    _validate_stopping(request.stopping, limits)
+    output = request.output
+    if not 0 <= output.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("output.top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {output.top_logprobs}")
+
+
+def _validate_sampling(sampling: Sampling) -> None:
+    if sampling.temperature is not None and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {sampling.temperature}")
+    if sampling.top_p is not None and not (0 < sampling.top_p <= 1):  # NaN fails both comparisons
+        raise InvalidArgument("sampling.top_p", f"must lie in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0 (0: off), got {sampling.top_k}")
+    penalty = sampling.repetition_penalty
+    if penalty is not None and not (math.isfinite(penalty) and penalty > 0):
+        raise InvalidArgument("sampling.repetition_penalty", f"must be a finite number > 0, got {penalty}")
+
+
+def _validate_stopping(stopping: Stopping, limits: Limits) -> None:
+    if stopping.max_new_tokens < 0:
+        raise InvalidArgument("stopping.max_new_tokens", f"must be >= 0 (0: the default), got {stopping.max_new_tokens}")
+    stops = stopping.stop_sequences
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidArgument("stopping.stop_sequences",
+                              f"{len(stops)} stop sequences, at most {limits.max_stop_sequences} allowed")
+    for index, stop in enumerate(stops):
+        if not stop:
+            raise InvalidArgument(f"stopping.stop_sequences[{index}]", "must not be empty")
+        if len(stop) > limits.max_stop_sequence_chars:
+            raise InvalidArgument(f"stopping.stop_sequences[{index}]",
+                                  f"{len(stop)} characters, at most {limits.max_stop_sequence_chars} allowed")
+    for index, token_id in enumerate(stopping.stop_token_ids):
+        if token_id < 0 or (limits.vocab_size and token_id >= limits.vocab_size):
+            bound = f"[0, {limits.vocab_size})" if limits.vocab_size else ">= 0"
+            raise InvalidArgument(f"stopping.stop_token_ids[{index}]", f"token id {token_id} outside the vocabulary {bound}")
+
+
+def validate_prompt_length(prompt_tokens: int, request: CompletionRequest, limits: Limits) -> None:
+    """The prompt must leave room for at least one generated token (or all of max_new_tokens when strict)."""
+    if not limits.max_seq_len:
+        return
+    stopping = request.stopping
+    if prompt_tokens >= limits.max_seq_len:
+        field_name = "prompt" if request.prompt else "messages"
+        raise InvalidArgument(field_name, f"the prompt is {prompt_tokens} tokens; the model's context is "
+                                        f"{limits.max_seq_len} tokens and must also fit at least one new token")
+    if stopping.strict_context_limit and prompt_tokens + stopping.max_new_tokens > limits.max_seq_len:
+        raise InvalidArgument("stopping.max_new_tokens",
+                              f"prompt {prompt_tokens} tokens + max_new_tokens {stopping.max_new_tokens} = "
+                              f"{prompt_tokens + stopping.max_new_tokens} exceeds the model's context of "
+                              f"{limits.max_seq_len} tokens (strict_context_limit is set)")

@@ -1,0 +1,203 @@
+"""``python -m gateway.stack``: the whole product in the foreground (what ``make run`` calls).
+
+Starts the tokenizer service, the model service and the gateway as child processes on the default
+ports, on the embedded default model (or ``--checkpoint`` / ``--tokenizer``), prints their logs
+one short line per event, and says how to call the gateway once it serves. Ctrl-C (or SIGTERM)
+stops all three; if one of them exits, the others are stopped and the stack exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+GRACE_SECONDS = 30.0
+NAMES = ("tokenizer", "model", "gateway")
+_LOG_KEYS_SKIPPED = {"event", "level", "timestamp", "service", "logger"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m gateway.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=env("LLAMA_MODEL_CHECKPOINT") or None,
+                        help="model: Meta or Hugging Face Llama directory, or GGUF file (default: the embedded "
+                             "SmolLM2-135M-Instruct) [env: LLAMA_MODEL_CHECKPOINT]")
+    parser.add_argument("--tokenizer", default=env("LLAMA_TOKENIZER_PATH") or None,
+                        help="tokenizer.model, checkpoint directory or GGUF file (default: --checkpoint, or the "
+                             "embedded model) [env: LLAMA_TOKENIZER_PATH]")
+    parser.add_argument("--host", default="127.0.0.1", help="address the three services listen on")
+    parser.add_argument("--base-port", type=int, default=50050,
+                        help="gateway port; tokenizer +1, model +2 (default: the standard 50050/50051/50052)")
+    parser.add_argument("--metrics-base-port", type=int, default=9090,
+                        help="gateway metrics port; tokenizer +1, model +2 (0: metrics off)")
+    parser.add_argument("--raw-logs", action="store_true", help="print the services' JSON log lines as they are")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if args.tokenizer is None:
+        args.tokenizer = args.checkpoint
+    return args
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the stack itself is killed (even by SIGKILL): no orphaned servers."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    def __init__(self, name: str, command: list[str], raw_logs: bool, width: int) -> None:
+        self.name = name
+        self.raw_logs = raw_logs
+        self.width = width
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                        preexec_fn=_die_with_parent)
+        self.last_lines: list[str] = []
+        self._reader = threading.Thread(target=self._relay, daemon=True)
+        self._reader.start()
+
+    def _relay(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.last_lines = [*self.last_lines[-19:], line]
+            print(f"{self.name:>{self.width}} | {line if self.raw_logs else compact(line)}", flush=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            self._reader.join(timeout=2)
+
+
+def compact(line: str) -> str:
+    """A JSON log line as ``level event key=value ...``; anything else unchanged."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    if not isinstance(event, dict):
+        return line
+    fields = " ".join(f"{key}={value}" for key, value in event.items() if key not in _LOG_KEYS_SKIPPED)
+    return f"{event.get('level', ''):<7} {event.get('event', '')} {fields}".rstrip()
+
+
+def commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    python = sys.executable
+    port = {name: args.base_port + offset for offset, name in enumerate(("gateway", "tokenizer", "model"))}
+    metrics = {name: (args.metrics_base_port + offset if args.metrics_base_port else 0)
+               for offset, name in enumerate(("gateway", "tokenizer", "model"))}
+
+    def common(name: str) -> list[str]:
+        return ["--host", args.host, "--port", str(port[name]), "--metrics-port", str(metrics[name]),
+                "--log-level", args.log_level]
+
+    tokenizer = [python, "-m", "tokenizer_service", *common("tokenizer")]
+    if args.tokenizer:
+        tokenizer += ["--tokenizer", args.tokenizer]
+    model = [python, "-m", "model_service", *common("model")]
+    if args.checkpoint:
+        model += ["--checkpoint", args.checkpoint]
+    gateway = [python, "-m", "gateway", *common("gateway"),
+               "--tokenizer-address", f"{args.host}:{port['tokenizer']}",
+               "--model-address", f"{args.host}:{port['model']}"]
+    return {"tokenizer": tokenizer, "model": model, "gateway": gateway}
+
+
+def serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def banner(args: argparse.Namespace) -> str:
+    host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+    address = f"{host}:{args.base_port}"
+    model = Path(args.checkpoint).name if args.checkpoint else "SmolLM2-135M-Instruct (embedded default)"
+    client = f"{sys.executable} -m gateway.client"
+    try:  # shorter commands when run from the repository, as `make run` does
+        client = f"{Path(sys.executable).relative_to(Path.cwd())} -m gateway.client"
+    except ValueError:
+        pass
+    address_flag = "" if address == "localhost:50050" else f" --address {address}"
+    metrics = (f" (metrics: http://{host}:{args.metrics_base_port}/metrics)" if args.metrics_base_port else "")
+    return "\n".join([
+        "",
+        f"llama-grpc is serving {model}",
+        f"  gateway   {address}{metrics}",
+        f"  tokenizer {host}:{args.base_port + 1}",
+        f"  model     {host}:{args.base_port + 2}",
+        "Try:",
+        f"  {client} chat \"What is the capital of France?\" --temperature 0{address_flag}",
+        f"  {client} complete \"I believe the meaning of life is\" --max-new-tokens 48{address_flag}",
+        f"  grpcurl -plaintext {address} list",
+        "  grpcurl -plaintext -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}' "
+        f"{address} llama.gateway.v1.GatewayService/GenerateStream",
+        "Ctrl-C stops all three.",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    # A Ctrl-C reaches the whole foreground process group: the children get it too and drain.
+    children = {name: Child(name, command, args.raw_logs, max(map(len, NAMES)))
+                for name, command in commands(args).items()}
+    gateway_address = f"{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.base_port}"
+    announced = False
+    exit_code = 0
+    while not stopping.wait(0.2):
+        dead = [(name, child) for name, child in children.items() if child.process.poll() is not None]
+        if dead:
+            name, child = dead[0]
+            print(f"\nstack: the {name} service exited with code {child.process.returncode}; stopping the others",
+                  file=sys.stderr, flush=True)
+            exit_code = 1
+            break
+        if not announced and serving(gateway_address):
+            print(banner(args), flush=True)
+            announced = True
+    for child in children.values():
+        child.stop()
+    deadline = time.monotonic() + GRACE_SECONDS + 5
+    codes = {name: child.wait(max(deadline - time.monotonic(), 0.1)) for name, child in children.items()}
+    if exit_code == 0 and any(codes.values()):
+        exit_code = 1
+    print(f"stack: stopped ({', '.join(f'{name} {code}' for name, code in codes.items())})", file=sys.stderr,
+          flush=True)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Channels to the tokenizer and model services, and the errors a caller sees when one is down.
+
+Every upstream call carries the caller's request id (``x-request-id``) and what is left of the
+caller's deadline. An upstream that cannot be reached becomes UNAVAILABLE naming it and its address;
+any other upstream status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) passes on.
+
+Channels reconnect by themselves with a short backoff, so a restarted upstream is served again
+within a couple of seconds without restarting the gateway. The model channel balances calls
+round-robin over every address it is given (a comma-separated list, or all the addresses a
+``dns:///`` name resolves to) and, with client-side health checking, skips replicas that report
+NOT_SERVING (loading or draining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llama.common.v1 import common_pb2
+from llama.model.v1 import model_pb2, model_pb2_grpc
+from llama.serving.context import outgoing_metadata
+from llama.serving.errors import Unavailable
+from llama.serving.server import MAX_MESSAGE_BYTES
+from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from .request import ChatMessage, CompletionRequest
+
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    # Client-side health checking: a replica that says NOT_SERVING gets no calls.
+    "healthCheckConfig": {"serviceName": ""},
+})
+CHANNEL_OPTIONS = (
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # The defaults back off up to 120 s: an upstream restarted after a minute would then stay
+    # unreachable for another minute or two. Upstreams are close by; retry often.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # dns:/// targets are re-resolved when a connection drops; let that happen every few seconds.
+    ("grpc.dns_min_time_between_resolutions_ms", 5000),
+    ("grpc.keepalive_time_ms", 30_000),
+)
+
+
+def channel_target(address: str) -> str:
+    """A gRPC target for one address, a comma-separated list of replicas, or a ``scheme:`` target.
+
+    ``host:port`` stays as it is (resolved by DNS); ``a:p1,b:p2`` becomes ``ipv4:a:p1,b:p2``
+    (``ipv6:[..]:p`` when the hosts are IPv6) after resolving host names once, since gRPC's
+    address-list schemes take literal IPs only; ``dns:///name:port`` and other schemes pass
+    through, and DNS names are re-resolved as replicas come and go.
+    """
+    address = address.strip()
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("empty address")
+    if len(parts) == 1:
+        return parts[0]
+    resolved = [_resolve(part) for part in parts]
+    families = {family for family, _ in resolved}
+    if len(families) > 1:
+        raise ValueError(f"{address!r} mixes IPv4 and IPv6 addresses; use one family")
+    return f"{families.pop()}:{','.join(hostport for _, hostport in resolved)}"
+
+
+def _resolve(hostport: str) -> tuple[str, str]:
+    if "://" in hostport or hostport.startswith(("ipv4:", "ipv6:", "unix:", "dns:")):
+        raise ValueError(f"{hostport!r}: a list of replicas takes host:port entries only")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{hostport!r} is not host:port")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        v4 = [info for info in infos if info[0] == socket.AF_INET]
+        ip = ipaddress.ip_address((v4 or infos)[0][4][0])
+    if ip.version == 6:
+        return "ipv6", f"[{ip}]:{port}"
+    return "ipv4", f"{ip}:{port}"
+
+
+class Deadline:
+    """What is left of the caller's deadline, for each upstream call (None: no deadline)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self._at = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        if self._at is None:
+            return None
+        return max(self._at - time.monotonic(), 0.001)
+
+
+class Upstream:
+    """One upstream service: its channel, its name in error messages, its health."""
+
+    def __init__(self, name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(channel_target(address), options=CHANNEL_OPTIONS)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def unavailable(self, error: grpc.aio.AioRpcError) -> Exception:
+        """UNAVAILABLE naming this upstream; other statuses pass through unchanged."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            details = (error.details() or "").strip()
+            return Unavailable(f"{self.name} unavailable at {self.address}" + (f": {details[:200]}" if details else ""))
+        return error
+
+    async def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass
+class Candidate:
+    token_id: int
+    logprob: float
+    text: str = ""
+
+
+@dataclass
+class ModelChunk:
+    """One message of the model service's Generate stream, as plain Python."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[Candidate]]
+    finish_reason: int = 0  # llama.common.v1.FinishReason value; 0 until the last message
+    generated_tokens: int = 0  # usage, last message only
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[Candidate]] = field(default_factory=list)
+
+
+def _candidates(top_logprobs: Sequence[common_pb2.TopLogprobs]) -> list[list[Candidate]]:
+    return [[Candidate(c.token_id, c.logprob, c.text) for c in position.candidates] for position in top_logprobs]
+
+
+class TokenizerClient(Upstream):
+    def __init__(self, address: str) -> None:
+        super().__init__("tokenizer service", address)
+        self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+        self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
+
+    async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
+        try:
+            return await method(request, timeout=deadline.remaining(), metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as error:
+            raise self.unavailable(error) from None
+
+    async def encode(self, text: str, deadline: Deadline) -> list[int]:
+        """Text completion prompt: BOS first, as the reference's ``text_completion`` does."""
+        reply = await self._call(self.stub.Encode, tokenizer_pb2.EncodeRequest(text=text, add_bos=True), deadline)
+        return list(reply.token_ids)
+
+    async def apply_chat_template(self, messages: Sequence[ChatMessage], deadline: Deadline) -> list[int]:
+        request = tokenizer_pb2.ApplyChatTemplateRequest(
+            messages=[common_pb2.Message(role=m.role, content=m.content) for m in messages],
+            add_generation_prompt=True,
+        )
+        return list((await self._call(self.stub.ApplyChatTemplate, request, deadline)).token_ids)
+
+    async def decode(self, token_ids: Sequence[int], deadline: Deadline, *, skip_special_tokens: bool = False) -> str:
+        request = tokenizer_pb2.DecodeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return (await self._call(self.stub.Decode, request, deadline)).text
+
+    async def token_texts(self, token_ids: Sequence[int], deadline: Deadline) -> dict[int, str]:
+        """Each id's own text (cached: the vocabulary is fixed while the tokenizer is up)."""
+        missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in self._token_text]
+        texts = await asyncio.gather(*(self.decode([token_id], deadline) for token_id in missing))
+        self._token_text.update(zip(missing, texts, strict=True))
+        return {token_id: self._token_text[token_id] for token_id in token_ids}
+
+    def forget_token_texts(self) -> None:
+        """The tokenizer restarted, maybe with another vocabulary."""
+        self._token_text.clear()
+
+    def decode_stream(self, deadline: Deadline) -> DecodeStream:
+        return DecodeStream(self, deadline)
+
+    async def info(self) -> tokenizer_pb2.GetTokenizerInfoResponse:
+        return await self._call(self.stub.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest(), Deadline(5.0))
+
+
+class DecodeStream:
+    """One ``DecodeStream`` call: generated ids in, each id's text delta (whole UTF-8) out.
+
+    Ids go one per message so every token gets its own delta (stop sequences are cut at token
+    boundaries); a chunk's messages are written back to back and their replies read after.
+    """
+
+    def __init__(self, client: TokenizerClient, deadline: Deadline) -> None:
+        self.client = client
+        self.call = client.stub.DecodeStream(timeout=deadline.remaining(), metadata=outgoing_metadata())
+        self._first = True
+
+    async def texts(self, token_ids: Sequence[int]) -> list[str]:
+        try:
+            for token_id in token_ids:
+                await self.call.write(tokenizer_pb2.DecodeStreamRequest(
+                    token_ids=[token_id], skip_special_tokens=self._first))
+                self._first = False
+            texts = []
+            for _ in token_ids:
+                reply = await self.call.read()
+                if reply is grpc.aio.EOF:
+                    raise Unavailable(f"{self.client.name} at {self.client.address} ended DecodeStream early")
+                texts.append(reply.text)
+            return texts
+        except grpc.aio.AioRpcError as error:
+            raise self.client.unavailable(error) from None
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class ModelClient(Upstream):
+    def __init__(self, address: str) -> None:
+        super().__init__("model service", address)
+        self.stub = model_pb2_grpc.ModelServiceStub(self.channel)
+
+    async def info(self) -> model_pb2.GetModelInfoResponse:
+        try:
+            return await self.stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=5.0,
+                                                metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as error:
+            raise self.unavailable(error) from None
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
+                 extra_stop_token_ids: Sequence[int], deadline: Deadline) -> ModelStream:
+        sampling, stopping, output = request.sampling, request.stopping, request.output
+        message = model_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=common_pb2.SamplingParams(
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed),
+            stopping=common_pb2.StoppingCriteria(
+                max_new_tokens=stopping.max_new_tokens,
+                stop_token_ids=list(dict.fromkeys([*stopping.stop_token_ids, *extra_stop_token_ids])),
+                strict_context_limit=stopping.strict_context_limit),
+            output=common_pb2.OutputOptions(logprobs=output.logprobs, top_logprobs=output.top_logprobs,
+                                            echo=output.echo),
+        )
+        call = self.stub.Generate(message, timeout=deadline.remaining(), metadata=outgoing_metadata())
+        return ModelStream(self, call)
+
+
+class ModelStream:
+    """The model's Generate stream as plain chunks; ``cancel()`` frees the model's cache slot."""
+
+    def __init__(self, client: ModelClient, call: grpc.aio.UnaryStreamCall) -> None:
+        self.client = client
+        self.call = call
+
+    async def __aiter__(self) -> AsyncIterator[ModelChunk]:
+        try:
+            async for reply in self.call:
+                yield ModelChunk(
+                    token_ids=list(reply.token_ids),
+                    logprobs=list(reply.logprobs),
+                    top_logprobs=_candidates(reply.top_logprobs),
+                    finish_reason=reply.finish_reason,
+                    generated_tokens=reply.usage.generated_tokens,
+                    prompt_logprobs=list(reply.prompt_logprobs),
+                    prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),
+                )
+        except grpc.aio.AioRpcError as error:
+            raise self.client.unavailable(error) from None
+
+    def cancel(self) -> None:
+        self.call.cancel()
