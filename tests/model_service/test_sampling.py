@@ -1,0 +1,180 @@
+"""Sampling against independent truths: Meta's sample_top_p (verbatim below), Hugging Face's logits
+processors, and torch's own log_softmax / argmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from llama.serving.errors import InvalidArgument
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from model_service.sampling import (
+    SamplingParams,
+    SamplingRow,
+    _filtered_probs,
+    apply_repetition_penalty,
+    new_generator,
+    sample,
+    token_logprobs,
+)
+
+VOCAB = 512
+
+
+def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """llama3/generation.py's sample_top_p, copied as published, plus the generator argument."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def random_logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def row(params: SamplingParams, **kwargs) -> SamplingRow:
+    return SamplingRow(params, None if params.greedy else new_generator(params.seed, "cpu"), **kwargs)
+
+
+def test_greedy_is_argmax_per_row():
+    logits = random_logits(5)
+    got = sample(logits, [row(SamplingParams(temperature=0.0)) for _ in range(5)])
+    assert [s.token_id for s in got] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.6, 0.9), (1.0, 1.0), (0.3, 0.5), (1.5, 0.95)])
+def test_matches_meta_sample_top_p_alone_and_in_a_mixed_batch(temperature, top_p):
+    logits = random_logits(4, seed=1)
+    target = 2
+    expected = []
+    generator = torch.Generator().manual_seed(1234)
+    for _ in range(20):  # 20 consecutive draws from one generator, as a request's steps would make
+        probs = torch.softmax(logits[target:target + 1] / temperature, dim=-1)
+        expected.append(meta_sample_top_p(probs, top_p, generator).item())
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=1234)
+    alone, in_batch = row(params), row(params)
+    others = [row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=1.0, top_k=5, seed=7)),
+              None, row(SamplingParams(temperature=0.8, top_p=0.7, repetition_penalty=1.3, seed=9),
+                        seen=torch.rand(VOCAB) > 0.5)]
+    got_alone, got_batch = [], []
+    for _ in range(20):
+        got_alone.append(sample(logits[target:target + 1], [alone])[0].token_id)
+        batch_rows = [in_batch if r is None else r for r in others]
+        got_batch.append(sample(logits, batch_rows)[target].token_id)
+    assert got_alone == expected
+    assert got_batch == expected
+
+
+def test_seed_decides_the_draws():
+    logits = torch.zeros(1, VOCAB)  # uniform: every draw is the generator's choice
+    def draws(seed):
+        r = row(SamplingParams(temperature=1.0, top_p=1.0, seed=seed))
+        return [sample(logits, [r])[0].token_id for _ in range(10)]
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)
+    unseeded = [row(SamplingParams(temperature=1.0, top_p=1.0)) for _ in range(2)]
+    assert [sample(logits, [unseeded[0]])[0].token_id for _ in range(10)] != \
+        [sample(logits, [unseeded[1]])[0].token_id for _ in range(10)]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (10, 1.0), (10, 0.5), (50, 0.8), (1, 0.9)])
+def test_kept_tokens_match_hugging_face_top_k_then_top_p(top_k, top_p):
+    logits = random_logits(3, seed=3)
+    temperature = 0.7
+    probs_sort, probs_idx = _filtered_probs(
+        logits, torch.full((3, 1), temperature), torch.full((3, 1), top_k or VOCAB), torch.full((3, 1), top_p))
+    scores = logits / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    scores = TopPLogitsWarper(top_p)(None, scores)
+    for i in range(3):
+        ours = set(probs_idx[i][probs_sort[i] > 0].tolist())
+        theirs = set(torch.nonzero(scores[i] > -math.inf).flatten().tolist())
+        assert ours == theirs
+        assert torch.allclose(probs_sort[i].sum(), torch.tensor(1.0))
+        # what is kept keeps its relative odds
+        kept = probs_idx[i][probs_sort[i] > 0]
+        assert torch.allclose(probs_sort[i][probs_sort[i] > 0], torch.softmax(scores[i][kept], -1), atol=1e-6)
+
+
+def test_draws_stay_inside_top_k():
+    logits = random_logits(1, seed=4)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    r = row(SamplingParams(temperature=2.0, top_p=1.0, top_k=3, seed=0))
+    drawn = {sample(logits, [r])[0].token_id for _ in range(200)}
+    assert drawn <= allowed and len(drawn) == 3
+
+
+def test_repetition_penalty_matches_hugging_face():
+    logits = random_logits(2, seed=5)
+    input_ids = torch.tensor([[1, 5, 5, 9, 300], [0, 2, 4, 6, 8]])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, logits.clone())
+    seen = torch.zeros(2, VOCAB, dtype=torch.bool)
+    seen.scatter_(1, input_ids, True)
+    got = apply_repetition_penalty(logits, seen, torch.full((2, 1), 1.3))
+    assert torch.allclose(got, expected)
+
+
+def test_greedy_with_repetition_penalty_avoids_the_seen_argmax():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 7], logits[0, 8] = 5.0, 4.5
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    seen[7] = True
+    plain = sample(logits, [row(SamplingParams(temperature=0.0))])[0].token_id
+    penalised = sample(logits, [row(SamplingParams(temperature=0.0, repetition_penalty=2.0), seen=seen)])[0].token_id
+    assert (plain, penalised) == (7, 8)
+
+
+def test_logprobs_are_the_models_not_the_tempered_ones():
+    logits = random_logits(3, seed=6)
+    rows = [row(SamplingParams(temperature=0.5, seed=1), logprobs=True, top_logprobs=4),
+            row(SamplingParams(temperature=0.0)),
+            row(SamplingParams(temperature=0.0), logprobs=True)]
+    got = sample(logits, rows)
+    reference = torch.log_softmax(logits, -1)
+    for i in (0, 2):
+        assert got[i].logprob == pytest.approx(reference[i, got[i].token_id].item(), abs=1e-5)
+    values, indices = reference[0].topk(4)
+    assert [t for t, _ in got[0].top_logprobs] == indices.tolist()
+    assert [lp for _, lp in got[0].top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+    assert got[1].logprob is None and got[1].top_logprobs == []
+    assert got[2].top_logprobs == []
+
+
+def test_token_logprobs_score_each_target():
+    logits = random_logits(4, seed=7)
+    targets = torch.tensor([3, 10, 0, 511])
+    chosen, alternatives = token_logprobs(logits, targets, top_n=2)
+    reference = torch.log_softmax(logits, -1)
+    assert chosen == pytest.approx(reference.gather(1, targets[:, None]).squeeze(1).tolist(), abs=1e-5)
+    assert [[t for t, _ in a] for a in alternatives] == reference.topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("params,field", [
+    (SamplingParams(temperature=-0.1), "sampling.temperature"),
+    (SamplingParams(temperature=float("nan")), "sampling.temperature"),
+    (SamplingParams(temperature=float("inf")), "sampling.temperature"),
+    (SamplingParams(top_p=0.0), "sampling.top_p"),
+    (SamplingParams(top_p=1.01), "sampling.top_p"),
+    (SamplingParams(top_p=float("nan")), "sampling.top_p"),
+    (SamplingParams(top_k=-1), "sampling.top_k"),
+    (SamplingParams(repetition_penalty=0.0), "sampling.repetition_penalty"),
+    (SamplingParams(repetition_penalty=float("nan")), "sampling.repetition_penalty"),
+])
+def test_invalid_parameters_name_their_field(params, field):
+    with pytest.raises(InvalidArgument) as error:
+        params.validate()
+    assert error.value.field == field and str(error.value).startswith(field)
+
+
+def test_valid_edges_pass():
+    for params in (SamplingParams(temperature=0.0), SamplingParams(top_p=1.0), SamplingParams(top_k=0),
+                   SamplingParams(seed=2**64 - 1)):
+        params.validate()
