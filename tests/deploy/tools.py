@@ -1,0 +1,343 @@
+"""The offline checks of deploy/: the real tools (kubectl kustomize, kubernetes-validate, docker compose,
+hadolint) plus the cross-file rules no schema knows (ports, probes, GPUs, flags), as problem lists.
+
+Each check takes a directory, so a test can run it on the repository or on a copy broken on purpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # oldest still common with GA gRPC probes; newest known
+SERVICES = {"tokenizer": "tokenizer_service", "model": "model_service", "gateway": "gateway"}
+DEFAULT_PORTS = {"tokenizer": 50051, "model": 50052, "gateway": 50050}
+
+
+def tool(name: str) -> str:
+    """A command-line tool from the venv (pyproject's test extras) or the machine (kubectl)."""
+    for candidate in (BIN / name, shutil.which(name)):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail(f"{name} not found: `make install kubectl` installs it")
+
+
+def run(*command: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def copy_repo_files(tmp_path: Path) -> Path:
+    """deploy/ and the root files it reads, copied so a test can break them."""
+    for name in ("pyproject.toml", "Makefile", ".dockerignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "deploy", tmp_path / "deploy")
+    return tmp_path
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------------
+
+def kustomize(directory: Path) -> subprocess.CompletedProcess:
+    return run(tool("kubectl"), "kustomize", str(directory))
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    done = kustomize(directory)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def validate(manifests: str, tmp_path: Path, version: str) -> subprocess.CompletedProcess:
+    path = tmp_path / f"rendered-{version}.yaml"
+    path.write_text(manifests)
+    return run(tool("kubernetes-validate"), "--strict", "--quiet", "--kubernetes-version", version, str(path))
+
+
+def overlay_with_components(k8s: Path, name: str, base_overlay: str, components: list[str]) -> Path:
+    """A throwaway overlay = an overlay plus optional components, the way an operator adds them."""
+    directory = k8s / "overlays" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"../{base_overlay}"],
+        "components": [f"../../components/{component}" for component in components],
+    }))
+    return directory
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def _settings(docs: list[dict[str, Any]], deployment: dict[str, Any]) -> dict[str, str]:
+    config_maps = _by_kind(docs, "ConfigMap")
+    env: dict[str, str] = {}
+    for container in deployment["spec"]["template"]["spec"]["containers"]:
+        for source in container.get("envFrom", []):
+            env.update(config_maps[source["configMapRef"]["name"]]["data"])
+        env.update({item["name"]: item["value"] for item in container.get("env", []) if "value" in item})
+    return env
+
+
+def _probe_problems(where: str, kind: str, probe: dict[str, Any] | None, service: str,
+                    grpc_port: int | None) -> list[str]:
+    if probe is None:
+        return [f"{where}: no {kind}"]
+    if "grpc" in probe:
+        if probe["grpc"].get("port") != grpc_port:
+            return [f"{where}: {kind} checks port {probe['grpc'].get('port')}, the gRPC port is {grpc_port}"]
+        return []
+    # An exec probe (TLS) runs the image's health check, which finds the port in LLAMA_<SERVICE>_PORT.
+    command = probe.get("exec", {}).get("command", [])
+    if command[:5] != ["python", "-m", "llama.serving.healthcheck", "--service", service]:
+        return [f"{where}: {kind} is neither a grpc probe nor the image's health check of {service}: {probe}"]
+    return []
+
+
+def _grpc_service_names() -> set[str]:
+    from llama.gateway.v1 import gateway_pb2
+    from llama.model.v1 import model_pb2
+    from llama.tokenizer.v1 import tokenizer_pb2
+    return {service.full_name for module in (tokenizer_pb2, model_pb2, gateway_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values()}
+
+
+def k8s_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """What `kubernetes-validate` cannot see: the resources agreeing with each other and with the code."""
+    problems: list[str] = []
+    deployments = _by_kind(docs, "Deployment")
+    services = _by_kind(docs, "Service")
+    claims = _by_kind(docs, "PersistentVolumeClaim")
+    if set(deployments) != {f"llama-{name}" for name in SERVICES}:
+        problems.append(f"expected the three Deployments, found {sorted(deployments)}")
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        settings = _settings(docs, deployment)
+        if not pod.get("securityContext", {}).get("runAsNonRoot"):
+            problems.append(f"{name}: pod may run as root")
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for volume in volumes.values():
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim and claim not in claims:
+                problems.append(f"{name}: volume {volume['name']} claims {claim}, which is not rendered")
+        for container in pod["containers"]:
+            service = container["name"]
+            where = f"{name}/{service}"
+            if service not in SERVICES:
+                problems.append(f"{where}: container name is not one of {sorted(SERVICES)}")
+                continue
+            prefix = f"LLAMA_{service.upper()}"
+            if container.get("command") != ["python", "-m", SERVICES[service]]:
+                problems.append(f"{where}: command {container.get('command')} does not start {SERVICES[service]}")
+            ports = {port.get("name"): port["containerPort"] for port in container.get("ports", [])}
+            grpc_port = ports.get("grpc")
+            if str(grpc_port) != settings.get(f"{prefix}_PORT", str(DEFAULT_PORTS[service])):
+                problems.append(f"{where}: containerPort grpc {grpc_port} but {prefix}_PORT="
+                                f"{settings.get(f'{prefix}_PORT')}")
+            if str(ports.get("metrics")) != settings.get(f"{prefix}_METRICS_PORT"):
+                problems.append(f"{where}: containerPort metrics {ports.get('metrics')} but {prefix}_METRICS_PORT="
+                                f"{settings.get(f'{prefix}_METRICS_PORT')}")
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                problems += _probe_problems(where, kind, container.get(kind), service, grpc_port)
+            readiness = container.get("readinessProbe") or {}
+            checked = readiness.get("grpc", {}).get("service")
+            if "exec" in readiness:
+                command = readiness["exec"]["command"]
+                checked = command[command.index("--name") + 1] if "--name" in command else None
+            if checked not in _grpc_service_names() or f".{service}." not in checked:
+                problems.append(f"{where}: readiness checks health of {checked!r}, not this server's service")
+            grace = float(settings.get(f"{prefix}_GRACE_PERIOD", 30))
+            pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+            pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+            if pod.get("terminationGracePeriodSeconds", 30) < grace + pause:
+                problems.append(f"{where}: terminationGracePeriodSeconds {pod.get('terminationGracePeriodSeconds')}"
+                                f" < {prefix}_GRACE_PERIOD {grace} + preStop {pause}")
+            security = container.get("securityContext", {})
+            if security.get("allowPrivilegeEscalation") is not False or "ALL" not in security.get(
+                    "capabilities", {}).get("drop", []):
+                problems.append(f"{where}: container keeps privileges")
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] not in volumes:
+                    problems.append(f"{where}: mounts {mount['name']}, which is not a volume of the pod")
+            resources = container.get("resources", {})
+            if "cpu" not in resources.get("requests", {}) or "memory" not in resources.get("limits", {}):
+                problems.append(f"{where}: needs cpu requests (autoscaling) and memory limits")
+            gpus = resources.get("limits", {}).get("nvidia.com/gpu")
+            if service == "model":
+                tp = settings.get("LLAMA_MODEL_TP", "1")
+                on_gpu = settings.get("LLAMA_MODEL_DEVICE") == "cuda"
+                if on_gpu and str(gpus) != tp:
+                    problems.append(f"{where}: nvidia.com/gpu limit {gpus} but LLAMA_MODEL_TP={tp}")
+                if gpus is not None and not on_gpu:
+                    problems.append(f"{where}: has GPUs but LLAMA_MODEL_DEVICE={settings.get('LLAMA_MODEL_DEVICE')}")
+            elif gpus is not None:
+                problems.append(f"{where}: only the model service uses GPUs")
+        if "gateway" in name:
+            for upstream in ("tokenizer", "model"):
+                problems += _upstream_problems(name, settings, upstream, services, deployments)
+    problems += _autoscaling_problems(docs, deployments)
+    return problems
+
+
+def _upstream_problems(name: str, settings: dict[str, str], upstream: str, services: dict[str, Any],
+                       deployments: dict[str, Any]) -> list[str]:
+    variable = f"LLAMA_GATEWAY_{upstream.upper()}_ADDRESS"
+    address = settings.get(variable, "")
+    match = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", address)
+    if not match:
+        return [f"{name}: {variable}={address!r} is not a dns:/// target the gateway re-resolves"]
+    service = services.get(match.group(1))
+    if service is None:
+        return [f"{name}: {variable} names Service {match.group(1)}, which is not rendered"]
+    problems = []
+    if service["spec"].get("clusterIP") != "None":
+        problems.append(f"{name}: {variable} names {match.group(1)}, which is not headless: one connection "
+                        f"would pin every call to one pod")
+    if int(match.group(2)) not in [port["port"] for port in service["spec"]["ports"]]:
+        problems.append(f"{name}: {variable} port {match.group(2)} is not a port of {match.group(1)}")
+    target = deployments.get(f"llama-{upstream}")
+    labels = target["spec"]["template"]["metadata"]["labels"] if target else {}
+    if not target or any(labels.get(k) != v for k, v in service["spec"]["selector"].items()):
+        problems.append(f"{name}: {match.group(1)} does not select the {upstream} pods")
+    return problems
+
+
+def _autoscaling_problems(docs: list[dict[str, Any]], deployments: dict[str, Any]) -> list[str]:
+    problems = []
+    autoscaled = {hpa["spec"]["scaleTargetRef"]["name"] for hpa in _by_kind(docs, "HorizontalPodAutoscaler").values()}
+    if autoscaled != {"llama-tokenizer", "llama-gateway"}:
+        problems.append(f"HorizontalPodAutoscalers should scale tokenizer and gateway, they scale {sorted(autoscaled)}")
+    for name, budget in _by_kind(docs, "PodDisruptionBudget").items():
+        selector = budget["spec"]["selector"]["matchLabels"]
+        matched = [d for d, deployment in deployments.items()
+                   if all(deployment["spec"]["template"]["metadata"]["labels"].get(k) == v
+                          for k, v in selector.items())]
+        if len(matched) != 1:
+            problems.append(f"PodDisruptionBudget {name} selects {matched}, not one Deployment")
+    budgeted = {budget["metadata"]["name"] for budget in _by_kind(docs, "PodDisruptionBudget").values()}
+    if budgeted != set(deployments):
+        problems.append(f"PodDisruptionBudgets {sorted(budgeted)} do not cover {sorted(deployments)}")
+    return problems
+
+
+# ---- Flags ---------------------------------------------------------------------------------------
+
+@functools.cache
+def service_env_variables() -> frozenset[str]:
+    """Every LLAMA_* variable the three servers read, as their own `--help` lists them."""
+    names: set[str] = set()
+    for module in SERVICES.values():
+        done = run(sys.executable, "-m", module, "--help", cwd=REPO, env={"COLUMNS": "100000"})
+        assert done.returncode == 0, done.stderr
+        names |= set(re.findall(r"\[env: (LLAMA_[A-Z0-9_]+)\]", done.stdout))
+    from llama.serving import healthcheck  # the health check reads a few of its own
+    names |= set(re.findall(r"LLAMA_HEALTHCHECK_[A-Z_]+", Path(healthcheck.__file__).read_text()))
+    return frozenset(names)
+
+
+def unknown_variables(variables: set[str]) -> list[str]:
+    known = service_env_variables()
+    return sorted(name for name in variables if name.startswith("LLAMA_") and name not in known
+                  and name != "LLAMA_GRPC_CACHE")
+
+
+# ---- Compose -------------------------------------------------------------------------------------
+
+def compose_config(deploy: Path, *files: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = [arg for name in files for arg in ("-f", str(deploy / name))]
+    return run(tool("docker-compose"), *args, "config", "--format", "json", env=env)
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(value) * units[unit] for value, unit in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+
+
+def compose_problems(config: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    services = config["services"]
+    if set(services) != set(SERVICES):
+        return [f"expected services {sorted(SERVICES)}, found {sorted(services)}"]
+    for name, service in services.items():
+        env = service.get("environment", {})
+        prefix = f"LLAMA_{name.upper()}"
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:5] != ["CMD", "python", "-m", "llama.serving.healthcheck", "--service"] or test[5:6] != [name]:
+            problems.append(f"{name}: healthcheck {test} does not check this service over gRPC health")
+        grace = float(env.get(f"{prefix}_GRACE_PERIOD", 30))
+        if _seconds(service.get("stop_grace_period", "10s")) < grace:
+            problems.append(f"{name}: stop_grace_period {service.get('stop_grace_period')} < {prefix}_GRACE_PERIOD {grace}")
+        if service.get("stop_signal", "SIGTERM") != "SIGTERM":
+            problems.append(f"{name}: stop_signal is not SIGTERM")
+        command = service.get("command")
+        if command is not None and command != ["python", "-m", SERVICES[name]]:
+            problems.append(f"{name}: command {command} does not start {SERVICES[name]}")
+        for dependency, condition in service.get("depends_on", {}).items():
+            if condition["condition"] != "service_healthy":
+                problems.append(f"{name}: waits for {dependency} to be {condition['condition']}, not healthy")
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        gpus = [device for device in devices if "gpu" in device.get("capabilities", [])]
+        if name == "model":
+            on_gpu = env.get("LLAMA_MODEL_DEVICE") == "cuda"
+            if on_gpu and [str(device.get("count")) for device in gpus] != [env.get("LLAMA_MODEL_TP", "1")]:
+                problems.append(f"model: reserves {gpus} GPUs but LLAMA_MODEL_TP={env.get('LLAMA_MODEL_TP')}")
+            if gpus and not on_gpu:
+                problems.append("model: reserves a GPU but LLAMA_MODEL_DEVICE is not cuda")
+        elif gpus:
+            problems.append(f"{name}: only the model service uses GPUs")
+    gateway = services["gateway"]
+    for upstream in ("tokenizer", "model"):
+        if gateway.get("depends_on", {}).get(upstream, {}).get("condition") != "service_healthy":
+            problems.append(f"gateway: does not wait for {upstream} to be healthy")
+        address = gateway.get("environment", {}).get(f"LLAMA_GATEWAY_{upstream.upper()}_ADDRESS", "")
+        port = services[upstream].get("environment", {}).get(f"LLAMA_{upstream.upper()}_PORT",
+                                                               str(DEFAULT_PORTS[upstream]))
+        if address != f"dns:///{upstream}:{port}":
+            problems.append(f"gateway: {upstream} address {address!r} is not dns:///{upstream}:{port}")
+    return problems
+
+
+# ---- Dockerfiles ---------------------------------------------------------------------------------
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
+                                           if not line.lstrip().startswith("#")))
+    instructions = []
+    for line in text.splitlines():
+        if line.strip():
+            keyword, _, rest = line.strip().partition(" ")
+            instructions.append((keyword.upper(), " ".join(rest.split())))
+    return instructions
+
+
+def dockerfile_stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions, each stage's inherited from the stage it is built FROM."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for index, (keyword, rest) in enumerate(dockerfile_instructions(path)):
+        if keyword == "FROM":
+            words = rest.split()
+            parent = stages.get(words[0], [])
+            name = words[2] if len(words) > 2 and words[1].upper() == "AS" else f"stage{index}"
+            current = stages[name] = [*parent, (keyword, rest)]
+        elif current is not None:
+            current.append((keyword, rest))
+    return stages
+
+
+def makefile_variable(name: str, makefile: Path = REPO / "Makefile") -> str:
+    match = re.search(rf"^{name}\s*\?=\s*(\S+)", makefile.read_text(), re.MULTILINE)
+    assert match, f"{name} not in {makefile}"
+    return match.group(1)
