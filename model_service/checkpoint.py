@@ -1,0 +1,320 @@
+"""Read checkpoints in Meta, Hugging Face and GGUF formats, detected from the path.
+
+Every reader presents the weights under Meta's names and layout (the layout ``model.py`` uses) and
+reads a range of rows or columns of a full tensor on demand, so a rank materialises only its own
+shard, one tensor at a time: peak memory stays near one copy of the (local) weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_service.args import ModelArgs
+
+# Split dimension of each weight in Meta's tensor-parallel layout (also the model's fairscale layers):
+# 0 for ColumnParallelLinear / VocabParallelEmbedding, 1 for RowParallelLinear, None = replicated.
+_PARALLEL_DIM = {"tok_embeddings": 0, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
+                 "wo": 1, "w2": 1}
+
+
+def parallel_dim(name: str) -> int | None:
+    """``layers.3.attention.wq.weight`` -> 0; norms -> None."""
+    return _PARALLEL_DIM.get(name.split(".")[-2])
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        if path.name in ("params.json", "config.json"):
+            return detect_format(path.parent)
+        raise ValueError(f"{path} is not a GGUF file (no GGUF magic); pass a checkpoint directory or a .gguf file")
+    if (path / "params.json").exists():
+        return "meta"
+    if (path / "config.json").exists():
+        return "huggingface"
+    if len(list(path.glob("*.gguf"))) == 1:
+        return "gguf"
+    raise FileNotFoundError(
+        f"{path} holds no checkpoint: expected params.json + consolidated.NN.pth (Meta), "
+        "config.json + *.safetensors (Hugging Face), or one .gguf file")
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    path = Path(path).expanduser()
+    fmt = detect_format(path)
+    if path.is_file() and fmt != "gguf":
+        path = path.parent
+    return {"meta": MetaReader, "huggingface": HFReader, "gguf": GGUFReader}[fmt](path)
+
+
+class CheckpointReader:
+    format: str
+    path: Path
+    name: str
+    args: ModelArgs
+    stop_token_ids: list[int]
+    bos_token_id: int | None
+    # Tensors that carry no weights of ours (e.g. precomputed RoPE tables); skipped, not reported.
+    ignored = re.compile(r"(^|\.)(rope\.freqs|rope_freqs\.weight|rotary_emb\.inv_freq)$")
+
+    def names(self) -> list[str]:
+        """Meta names of every tensor in the checkpoint."""
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Full (unsharded) shape of a tensor, or None when the checkpoint lacks it."""
+        raise NotImplementedError
+
+    def read(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, end) of the full tensor; the whole tensor when dim is None."""
+        raise NotImplementedError
+
+    def source_name(self, name: str) -> str:
+        """The tensor's name in the checkpoint's own format, for error messages."""
+        return name
+
+
+def _narrow(tensor: torch.Tensor, dim: int | None, start: int, end: int) -> torch.Tensor:
+    return tensor if dim is None else tensor.narrow(dim, start, end - start)
+
+
+# ---- Meta: params.json + consolidated.NN.pth, one file per model-parallel rank --------------------
+
+class MetaReader(CheckpointReader):
+    format = "meta"
+
+    def __init__(self, path: Path):
+        self.path, self.name = path, path.name
+        files = sorted(path.glob("consolidated.*.pth"))
+        if not files:
+            raise FileNotFoundError(f"{path} has params.json but no consolidated.NN.pth weight files")
+        # mmap: tensors stay in the page cache until a shard is cut from them, so N files cost no RAM.
+        self.shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+        args = ModelArgs.from_params_json(path / "params.json")
+        if args.vocab_size <= 0:  # Meta's params.json may say -1: the tokenizer decides
+            args = replace(args, vocab_size=self.shape("tok_embeddings.weight")[0])
+        if "output.weight" not in self.shards[0]:
+            args = replace(args, tie_word_embeddings=True)
+        self.args = args
+        # Meta's Llama 3 tokenizer appends 256 special tokens after the BPE ranks: <|begin_of_text|> is
+        # the first, <|end_of_text|> +1, <|eom_id|> +8, <|eot_id|> +9 (128000/128001/128008/128009).
+        base = args.vocab_size - 256
+        self.bos_token_id = base if base > 0 else None
+        self.stop_token_ids = [base + 1, base + 8, base + 9] if base > 0 else []
+
+    def names(self) -> list[str]:
+        return list(self.shards[0])
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name not in self.shards[0]:
+            return None
+        dim = parallel_dim(name)
+        shape = list(self.shards[0][name].shape)
+        if dim is not None:
+            shape[dim] = sum(shard[name].shape[dim] for shard in self.shards)
+        return tuple(shape)
+
+    def read(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        if dim is None or len(self.shards) == 1:
+            return _narrow(self.shards[0][name], dim, start, end)
+        # Re-shard: take the overlap of [start, end) with each file's piece, so N files -> M ranks
+        # copies only what this rank keeps.
+        pieces, offset = [], 0
+        for shard in self.shards:
+            size = shard[name].shape[dim]
+            lo, hi = max(start, offset), min(end, offset + size)
+            if lo < hi:
+                pieces.append(shard[name].narrow(dim, lo - offset, hi - lo))
+            offset += size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+# ---- Hugging Face: config.json + *.safetensors ----------------------------------------------------
+
+_HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def hf_to_meta_name(hf_name: str) -> str:
+    if hf_name in _HF_TOP:
+        return _HF_TOP[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    if match and match.group(2) in _HF_LAYER:
+        return f"layers.{match.group(1)}.{_HF_LAYER[match.group(2)]}.weight"
+    return hf_name  # unknown: reported by the loader as an unexpected tensor
+
+
+def meta_to_hf_name(name: str) -> str:
+    for hf, meta in _HF_TOP.items():
+        if name == meta:
+            return hf
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    inverse = {meta: hf for hf, meta in _HF_LAYER.items()}
+    if match and match.group(2) in inverse:
+        return f"model.layers.{match.group(1)}.{inverse[match.group(2)]}.weight"
+    return name
+
+
+def hf_unpermute(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """HF q/k rows -> Meta's: HF reorders each head's rows so rotate_half RoPE sees (first half, second
+    half) where Meta's complex RoPE pairs adjacent rows. Works on any whole-head slice of rows."""
+    n_heads = w.shape[0] // head_dim
+    return w.view(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_permute(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Meta q/k rows -> HF's (what transformers' convert_llama_weights_to_hf does)."""
+    n_heads = w.shape[0] // head_dim
+    return w.view(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class HFReader(CheckpointReader):
+    format = "huggingface"
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        config = json.loads((path / "config.json").read_text())
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists {len(missing)} missing file(s), e.g. {path / missing[0]}")
+        else:
+            files = sorted(f.name for f in path.glob("*.safetensors"))
+            if not files:
+                hint = " (found PyTorch .bin weights: convert them to safetensors)" if list(
+                    path.glob("*.bin")) else ""
+                raise FileNotFoundError(f"{path} has config.json but no *.safetensors weights{hint}")
+        self.handles = {f: safe_open(str(path / f), framework="pt") for f in files}
+        self.where: dict[str, tuple[str, str]] = {}  # meta name -> (file, hf name)
+        for f, handle in self.handles.items():
+            for hf_name in handle.keys():
+                self.where[hf_to_meta_name(hf_name)] = (f, hf_name)
+        args = ModelArgs.from_hf_config(config)
+        if "output.weight" not in self.where:
+            args = replace(args, tie_word_embeddings=True)
+        self.args = args
+        self.name = config.get("_name_or_path") or path.name
+        generation = path / "generation_config.json"
+        gen = json.loads(generation.read_text()) if generation.exists() else {}
+        eos = gen.get("eos_token_id", config.get("eos_token_id"))
+        self.stop_token_ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        self.bos_token_id = gen.get("bos_token_id", config.get("bos_token_id"))
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def source_name(self, name: str) -> str:
+        return self.where[name][1] if name in self.where else meta_to_hf_name(name)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name not in self.where:
+            return None
+        f, hf_name = self.where[name]
+        return tuple(self.handles[f].get_slice(hf_name).get_shape())
+
+    def read(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        f, hf_name = self.where[name]
+        view = self.handles[f].get_slice(hf_name)  # reads only the requested range from disk
+        tensor = view[:] if dim is None else view[start:end] if dim == 0 else view[:, start:end]
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            tensor = hf_unpermute(tensor, self.args.head_dim)  # rank shards cut at head boundaries
+        return tensor
+
+
+# ---- GGUF (llama.cpp), Llama architecture ---------------------------------------------------------
+
+_GGUF_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+               "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+               "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "output.weight"}
+_GGUF_SKIP_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.scores")
+
+
+def gguf_to_meta_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_TOP:
+        return _GGUF_TOP[gguf_name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if match and match.group(2) in _GGUF_LAYER:
+        return f"layers.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.weight"
+    return gguf_name
+
+
+class GGUFReader(CheckpointReader):
+    format = "gguf"
+
+    def __init__(self, path: Path):
+        import gguf
+
+        if path.is_dir():
+            (path,) = path.glob("*.gguf")
+        self.path = path
+        self.reader = gguf.GGUFReader(path)  # memory-maps the file
+        metadata: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            if key in _GGUF_SKIP_ARRAYS:  # tens of thousands of strings we only need to count
+                metadata[key] = range(len(field.data))
+                continue
+            try:
+                metadata[key] = field.contents()
+            except (ValueError, TypeError, IndexError):
+                continue
+        self.metadata = metadata
+        self.tensors = {gguf_to_meta_name(t.name): t for t in self.reader.tensors}
+        rope_freqs = self.tensors.get("rope_freqs.weight")
+        factors = None if rope_freqs is None else [float(x) for x in self._dequantize(rope_freqs).reshape(-1)]
+        self.args = ModelArgs.from_gguf(metadata, factors, has_output_weight="output.weight" in self.tensors)
+        self.name = str(metadata.get("general.name") or path.stem)
+        stops = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eom", "eot")]
+        self.stop_token_ids = list(dict.fromkeys(int(s) for s in stops if s is not None))
+        bos = metadata.get("tokenizer.ggml.bos_token_id")
+        self.bos_token_id = None if bos is None else int(bos)
+
+    @staticmethod
+    def _dequantize(tensor: Any) -> np.ndarray:
+        import gguf
+
+        # float32 [rows, cols] (GGUF lists dims innermost first, so t.shape is reversed)
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if not values.flags.writeable:  # F32 tensors come back as views of the read-only mmap
+            values = values.copy()
+        return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def source_name(self, name: str) -> str:
+        return self.tensors[name].name if name in self.tensors else name
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        tensor = self.tensors.get(name)
+        return None if tensor is None else tuple(int(d) for d in reversed(tensor.shape))
+
+    def read(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
+        # Quantised blocks run along rows, so dequantise the whole tensor, then cut the shard.
+        # llama.cpp's converter already put q/k rows in Meta's interleaved-pair order (it applies
+        # the inverse of HF's permutation), which is the order model.py's complex RoPE expects.
+        full = torch.from_numpy(self._dequantize(self.tensors[name]))
+        return _narrow(full, dim, start, end)
