@@ -75,6 +75,7 @@ class JinjaChatFormat:
         # Longest first, so a special token that is a prefix of another never wins.
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.special_names = {token_id: text for text, token_id in tokenizer.special_tokens.items()}
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
@@ -99,7 +100,7 @@ class JinjaChatFormat:
         marked = [{"role": role, "content": _wrap(content, open_mark, close_mark)} for role, content in messages]
         pieces = self._marked_pieces(self.render(marked, add_generation_prompt), open_mark, close_mark)
         if pieces is None or self._join(pieces) != text:
-            pieces = self._unmarked_pieces(text, messages)
+            pieces = self._unmarked_pieces(text, messages, add_generation_prompt)
         token_ids: list[int] = []
         for piece in pieces:
             if isinstance(piece, int):
@@ -136,18 +137,25 @@ class JinjaChatFormat:
             return None
         return _merge_text(pieces)
 
-    def _unmarked_pieces(self, text: str, messages: list[tuple[str, str]]) -> list[str | int]:
-        """The template moved or changed the markers (it edits content beyond trimming). Special-token
-        text in the rendering is then only safe to honour when no message carries any."""
+    def _unmarked_pieces(self, text: str, messages: list[tuple[str, str]],
+                         add_generation_prompt: bool) -> list[str | int]:
+        """The template moved or scrambled the markers (it does more to content than trim or replace).
+        Special-token text in the rendering is then honoured only when no content carries any and the
+        rendering holds exactly the special tokens it holds when every content is a neutral "x"."""
         for index, (_, content) in enumerate(messages):
             if self.special_pattern is not None and self.special_pattern.search(content):
                 raise InvalidArgument(f"messages[{index}].content", "contains special-token text, which this "
                                       "model's chat template would not keep as plain text")
-        return _merge_text(list(self._split_specials(text)))
+        pieces = _merge_text(list(self._split_specials(text)))
+        neutral = self.render([{"role": role, "content": "x"} for role, _ in messages], add_generation_prompt)
+        if sorted(p for p in pieces if isinstance(p, int)) != sorted(
+                p for p in self._split_specials(neutral) if isinstance(p, int)):
+            raise InvalidArgument("messages", "their content would turn into special tokens under this model's "
+                                  "chat template")
+        return pieces
 
     def _join(self, pieces: list[str | int]) -> str:
-        names = {token_id: text for text, token_id in self.tokenizer.special_tokens.items()}
-        return "".join(piece if isinstance(piece, str) else names[piece] for piece in pieces)
+        return "".join(piece if isinstance(piece, str) else self.special_names[piece] for piece in pieces)
 
 
 def _merge_text(pieces: list[str | int]) -> list[str | int]:

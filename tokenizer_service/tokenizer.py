@@ -9,6 +9,7 @@ import codecs
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import regex
@@ -23,8 +24,6 @@ from .llama3 import Llama3ChatFormat
 # and https://github.com/openai/tiktoken/issues/195 for runs of (non-)whitespace.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-# Finds a run longer than the limit in linear time: an attempt only starts where a run starts.
-_LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_NO_WHITESPACES_CHARS + 1}}}|(?<!\S)\S{{{MAX_NO_WHITESPACES_CHARS + 1}}}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +50,21 @@ def split_whitespaces_or_nonwhitespaces(s: str, max_consecutive_slice_len: int) 
                 slice_start = i
                 current_slice_len = 1
     yield s[slice_start:]
+
+
+@lru_cache
+def _long_run(limit: int) -> re.Pattern[str]:
+    """Finds a run longer than ``limit`` in linear time: an attempt only starts where a run starts.
+    (``re``'s ``\\s`` is ``str.isspace``, the reference's test.)"""
+    return re.compile(rf"(?<!\s)\s{{{limit + 1}}}|(?<!\S)\S{{{limit + 1}}}")
+
+
+def cut_long_runs(text: str, limit: int = MAX_NO_WHITESPACES_CHARS) -> Sequence[str] | Iterator[str]:
+    """What ``split_whitespaces_or_nonwhitespaces`` yields, without its per-character Python loop for
+    the usual text that has no long run."""
+    if _long_run(limit).search(text):
+        return split_whitespaces_or_nonwhitespaces(text, limit)
+    return (text,)
 
 
 class Tokenizer:
@@ -119,11 +133,7 @@ class Tokenizer:
             yield text
             return
         for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
-            piece = text[start:start + TIKTOKEN_MAX_ENCODE_CHARS]
-            if _LONG_RUN.search(piece):  # rare: cut runs exactly as the reference does
-                yield from split_whitespaces_or_nonwhitespaces(piece, MAX_NO_WHITESPACES_CHARS)
-            else:  # what the reference's splitter yields for a piece without long runs
-                yield piece
+            yield from cut_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS])
 
     def _encode_ordinary(self, text: str) -> list[int]:
         if not text:
