@@ -59,6 +59,13 @@ def test_serving_exits_zero_and_not_serving_exits_one(health_server: HealthServe
     assert "NOT_SERVING" in done.stdout
 
 
+def test_alive_accepts_not_serving_but_not_silence(health_server: HealthServer) -> None:
+    health_server.set(NOT_SERVING)  # a gateway waiting for its upstreams is alive, only not ready
+    assert healthcheck("--service", "gateway", "--port", str(health_server.port), "--alive").returncode == 0
+    done = healthcheck("--service", "gateway", "--port", str(free_port()), "--alive", "--timeout", "1")
+    assert done.returncode == 1
+
+
 def test_port_comes_from_the_servers_own_environment_variable(health_server: HealthServer) -> None:
     health_server.set(SERVING)
     done = healthcheck("--service", "tokenizer", env={"LLAMA_TOKENIZER_PORT": str(health_server.port)})

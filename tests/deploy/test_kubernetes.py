@@ -145,6 +145,9 @@ BREAKAGES = {
                                                 "LLAMA_MODEL_GRACE_PERIOD=600", "< LLAMA_MODEL_GRACE_PERIOD 600"),
     "readiness on another server's health": ("base/gateway.yaml", "service: llama.gateway.v1.GatewayService",
                                              "service: llama.model.v1.ModelService", "readiness checks health"),
+    "readiness that accepts NOT_SERVING": ("components/tls/gateway-tls.yaml",
+                                           '"--name", "llama.gateway.v1.GatewayService"]',
+                                           '"--name", "llama.gateway.v1.GatewayService", "--alive"]', "--alive"),
     "root allowed": ("base/tokenizer.yaml", "runAsNonRoot: true", "runAsNonRoot: false", "may run as root"),
     "disruption budget selects no pods": ("base/model.yaml", "  maxUnavailable: 1\n  selector:\n    matchLabels:\n"
                                           "      app.kubernetes.io/name: llama-grpc\n      app.kubernetes.io/component: model",
@@ -158,7 +161,8 @@ BREAKAGES = {
 def test_consistency_checks_bite(tmp_path: Path, breakage: str) -> None:
     relative, old, new, expected = BREAKAGES[breakage]
     k8s = broken_copy(tmp_path, relative, old, new)
-    problems = k8s_problems(render(k8s / "overlays" / "gpu"))
+    components = ["tls"] if relative.startswith("components/tls") else []
+    problems = k8s_problems(render(variant_dir(k8s, "broken", "gpu", components)))
     assert any(expected in problem for problem in problems), problems
 
 

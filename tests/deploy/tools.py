@@ -102,6 +102,8 @@ def _probe_problems(where: str, kind: str, probe: dict[str, Any] | None, service
     command = probe.get("exec", {}).get("command", [])
     if command[:5] != ["python", "-m", "llama.serving.healthcheck", "--service", service]:
         return [f"{where}: {kind} is neither a grpc probe nor the image's health check of {service}: {probe}"]
+    if kind == "readinessProbe" and "--alive" in command:
+        return [f"{where}: readiness accepts NOT_SERVING (--alive): calls would reach a server that refuses them"]
     return []
 
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="default: LLAMA_<SERVICE>_PORT, else the service's port")
     parser.add_argument("--name", default="", help="grpc.health.v1 service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    parser.add_argument("--alive", action="store_true",
+                        help="liveness: succeed on any answer, NOT_SERVING included (e.g. a gateway whose upstreams are down)")
     parser.add_argument("--tls-cert", help="the server's certificate: talk TLS (default: LLAMA_<SERVICE>_TLS_CERT)")
     parser.add_argument("--tls-ca", default=os.environ.get("LLAMA_HEALTHCHECK_TLS_CA"),
                         help="CA to verify with (default: ca.crt beside the certificate, else the certificate)")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.service} {args.host}:{args.port}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if args.alive or reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 if __name__ == "__main__":
