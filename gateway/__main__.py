@@ -24,7 +24,7 @@ from .agreement import check_agreement
 from .completion import Completions
 from .request import Limits
 from .servicer import GatewayServicer
-from .upstream import ModelClient, TokenizerClient
+from .upstream import ModelClient, TokenizerClient, channel_target
 
 log = structlog.get_logger()
 
@@ -128,10 +128,21 @@ class Gateway:
             await asyncio.gather(self.tokenizer.close(), self.model.close())
 
 
+async def serve(args) -> int:  # noqa: ANN001
+    # grpc.aio binds a server and its channels to the running event loop: create them inside it.
+    return await Gateway(args).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("gateway", args.log_level)
-    return asyncio.run(Gateway(args).run())
+    try:
+        channel_target(args.tokenizer_address)
+        channel_target(args.model_address)
+    except (ValueError, OSError) as error:
+        print(f"gateway: bad upstream address: {error}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

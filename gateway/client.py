@@ -98,6 +98,7 @@ def call(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.Generat
 def run_one(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.GenerateRequest,
             args: argparse.Namespace) -> str:
     """Send one request, print as it streams; return the generated text."""
+    args.server_request_id = ""
     started = time.perf_counter()
     first_token_at = None
     text, last = [], None
@@ -116,11 +117,15 @@ def run_one(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.Gene
     total = time.perf_counter() - started
     generated = last.usage.generated_tokens if last else 0
     decode_time = total - (first_token_at - started) if first_token_at else 0.0
+    if args.unary:  # one response: no first-token time, the rate is over the whole call
+        first_token_at = None
+        rate = generated / total if generated else None
+    else:  # after the first token: the steady generation rate
+        rate = (generated - 1) / decode_time if generated > 1 and decode_time > 0 else None
     timing = {
         "firstTokenSeconds": round(first_token_at - started, 4) if first_token_at else None,
         "totalSeconds": round(total, 4),
-        # After the first token: the steady generation rate.
-        "tokensPerSecond": round((generated - 1) / decode_time, 2) if generated > 1 and decode_time > 0 else None,
+        "tokensPerSecond": round(rate, 2) if rate else None,
     }
     finish = common_pb2.FinishReason.Name(last.finish_reason) if last else "none"
     if args.json:

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import structlog
 from llama.common.v1 import common_pb2
 from llama.serving.context import current_request_id
 from llama.serving.errors import Unavailable
@@ -29,6 +30,7 @@ from .request import CompletionRequest, Limits, validate, validate_prompt_length
 from .stops import StopSequenceMatcher
 from .upstream import Candidate, Deadline, ModelChunk, ModelClient, TokenizerClient
 
+log = structlog.get_logger()
 FINISH_STOP_SEQUENCE = common_pb2.FINISH_REASON_STOP_SEQUENCE
 
 
@@ -161,15 +163,25 @@ class Completions:
                     chunk.finish = Finish(FINISH_STOP_SEQUENCE, len(prompt_ids), generated,
                                           matcher.match.stop_sequence)
                 elif model_chunk.finish_reason:
-                    chunk.text += matcher.flush()
-                    held.release(None, chunk)
-                    chunk.finish = Finish(model_chunk.finish_reason, len(prompt_ids),
-                                          model_chunk.generated_tokens or generated)
+                    chunk.text += matcher.feed(await decoder.finish())  # an unfinished character's bytes
+                    if matcher.match is not None:
+                        held.release(matcher.match.start, chunk)
+                        chunk.finish = Finish(FINISH_STOP_SEQUENCE, len(prompt_ids), generated,
+                                              matcher.match.stop_sequence)
+                    else:
+                        chunk.text += matcher.flush()
+                        held.release(None, chunk)
+                        chunk.finish = Finish(model_chunk.finish_reason, len(prompt_ids),
+                                              model_chunk.generated_tokens or generated)
                 metrics.GENERATED_TOKENS.inc(len(model_chunk.token_ids))
                 if not chunk.is_empty():
                     yield chunk
                 if chunk.finish is not None:
-                    metrics.FINISHED.labels(common_pb2.FinishReason.Name(chunk.finish.reason)).inc()
+                    reason = common_pb2.FinishReason.Name(chunk.finish.reason)
+                    metrics.FINISHED.labels(reason).inc()
+                    log.info("completion finished", finish_reason=reason, prompt_tokens=len(prompt_ids),
+                             generated_tokens=chunk.finish.generated_tokens,
+                             seconds=round(time.perf_counter() - started, 4))
                     return
             raise Unavailable(f"{self.model.name} at {self.model.address} ended the stream without a finish reason")
         finally:

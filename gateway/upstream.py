@@ -229,6 +229,17 @@ class DecodeStream:
         except grpc.aio.AioRpcError as error:
             raise self.client.unavailable(error) from None
 
+    async def finish(self) -> str:
+        """No more ids: the text the decoder still held (bytes of an unfinished character)."""
+        try:
+            await self.call.done_writing()
+            tail = []
+            while (reply := await self.call.read()) is not grpc.aio.EOF:
+                tail.append(reply.text)
+            return "".join(tail)
+        except grpc.aio.AioRpcError as error:
+            raise self.client.unavailable(error) from None
+
     def cancel(self) -> None:
         self.call.cancel()
 
