@@ -148,6 +148,8 @@ BREAKAGES = {
     "readiness that accepts NOT_SERVING": ("components/tls/gateway-tls.yaml",
                                            '"--name", "llama.gateway.v1.GatewayService"]',
                                            '"--name", "llama.gateway.v1.GatewayService", "--alive"]', "--alive"),
+    "service links on": ("base/model.yaml", "enableServiceLinks: false", "enableServiceLinks: true",
+                         "enableServiceLinks"),
     "root allowed": ("base/tokenizer.yaml", "runAsNonRoot: true", "runAsNonRoot: false", "may run as root"),
     "disruption budget selects no pods": ("base/model.yaml", "  maxUnavailable: 1\n  selector:\n    matchLabels:\n"
                                           "      app.kubernetes.io/name: llama-grpc\n      app.kubernetes.io/component: model",

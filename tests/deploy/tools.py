@@ -128,6 +128,9 @@ def k8s_problems(docs: list[dict[str, Any]]) -> list[str]:
         settings = _settings(docs, deployment)
         if not pod.get("securityContext", {}).get("runAsNonRoot"):
             problems.append(f"{name}: pod may run as root")
+        if pod.get("enableServiceLinks", True):
+            # A Service named llama-model would inject LLAMA_MODEL_PORT=tcp://...: the flag's env twin.
+            problems.append(f"{name}: enableServiceLinks lets Service variables clash with LLAMA_* settings")
         volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
         for volume in volumes.values():
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
