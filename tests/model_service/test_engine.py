@@ -1,0 +1,294 @@
+"""The engine in-process on a tiny random Transformer.
+
+The truth for greedy output is the model recomputing the whole sequence without the cache, one
+sequence at a time, in a slot the engine never uses; for logprobs it is log_softmax over that
+recompute's logits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from llama.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from prometheus_client import REGISTRY
+
+from model_service import distributed
+from model_service.args import ModelArgs
+from model_service.engine import Engine, FinishReason, GenerationRequest, LocalRunner
+from model_service.model import Batch, Transformer
+from model_service.sampling import SamplingParams
+
+VOCAB, MAX_SEQ_LEN, SLOTS = 256, 96, 4
+SPARE_SLOT = SLOTS  # the reference recompute's slot: the engine only knows slots 0..SLOTS-1
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    distributed.ensure_initialized()
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
+                     max_seq_len=MAX_SEQ_LEN)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.3)  # large enough that logits are far from ties
+    model.setup_caches(SLOTS + 1, MAX_SEQ_LEN, torch.float32, "cpu")
+    return model
+
+
+def make_engine(model: Transformer, *, start: bool = True, **kwargs) -> Engine:
+    options = dict(vocab_size=VOCAB, max_seq_len=MAX_SEQ_LEN, max_batch_size=SLOTS, max_queue=4, prefill_chunk=8)
+    engine = Engine(LocalRunner(model, "cpu"), **{**options, **kwargs})
+    if start:
+        engine.start()
+    return engine
+
+
+def recompute_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), vocab]: the whole sequence at once, no incremental cache, in a slot of its own."""
+    return model.forward(Batch(torch.tensor(tokens), [SPARE_SLOT], [0], [len(tokens)]), all_logits=True)
+
+
+def reference_greedy(model: Transformer, prompt: list[int], n: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        token = int(recompute_logits(model, tokens)[-1].argmax())
+        if token in stop_ids:
+            break
+        tokens.append(token)
+    return tokens[len(prompt):]
+
+
+async def collect(engine: Engine, request: GenerationRequest):
+    tokens, chunks = [], []
+    async for chunk in engine.submit(request):
+        tokens += chunk.token_ids
+        chunks.append(chunk)
+    return tokens, chunks
+
+
+def gauge(name: str) -> float:
+    return REGISTRY.get_sample_value(name)
+
+
+def prompt(length: int, offset: int = 3) -> list[int]:
+    return [(offset + 7 * i) % VOCAB for i in range(length)]
+
+
+def test_concurrent_greedy_equals_each_alone(model):
+    engine = make_engine(model)
+    requests = [GenerationRequest(prompt(n, offset=n), GREEDY, max_new_tokens=m)
+                for n, m in [(1, 12), (5, 3), (19, 20), (8, 1), (30, 9), (2, 25)]]  # 6 requests > 4 slots
+
+    async def run():
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.stop()
+    for request, (tokens, chunks) in zip(requests, results, strict=True):
+        assert tokens == reference_greedy(model, request.prompt_token_ids, request.max_new_tokens)
+        assert chunks[-1].finish_reason is FinishReason.LENGTH
+        assert (chunks[-1].prompt_tokens, chunks[-1].generated_tokens) == (len(request.prompt_token_ids),
+                                                                            request.max_new_tokens)
+    assert gauge("llama_model_running_sequences") == 0 and gauge("llama_model_queued_requests") == 0
+
+
+def test_late_arrival_finishes_while_the_long_one_runs(model):
+    engine = make_engine(model)
+    order = []
+
+    async def run():
+        async def long():
+            async for chunk in engine.submit(GenerationRequest(prompt(4), GREEDY, max_new_tokens=80)):
+                if chunk.token_ids and not started.is_set():
+                    started.set()
+            order.append("long")
+
+        async def short():
+            await started.wait()  # the long one is decoding
+            await collect(engine, GenerationRequest(prompt(6, offset=9), GREEDY, max_new_tokens=3))
+            order.append("short")
+
+        started = asyncio.Event()
+        await asyncio.gather(long(), short())
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    assert order == ["short", "long"]
+
+
+def test_stop_tokens_model_and_callers(model):
+    request = GenerationRequest(prompt(6), GREEDY, max_new_tokens=10)
+    greedy = reference_greedy(model, request.prompt_token_ids, 10)
+    engine = make_engine(model, stop_token_ids=(greedy[0],))
+    try:
+        tokens, chunks = asyncio.run(collect(engine, request))
+        assert tokens == [] and chunks[-1].finish_reason is FinishReason.STOP_TOKEN
+        assert chunks[-1].generated_tokens == 0
+    finally:
+        engine.stop()
+    engine = make_engine(model)
+    try:
+        stop = greedy[3]
+        callers = GenerationRequest(prompt(6), GREEDY, max_new_tokens=10, stop_token_ids=(stop,))
+        tokens, chunks = asyncio.run(collect(engine, callers))
+        assert tokens == greedy[:greedy.index(stop)] and chunks[-1].finish_reason is FinishReason.STOP_TOKEN
+    finally:
+        engine.stop()
+
+
+def test_context_limit_and_length(model):
+    engine = make_engine(model)
+    near_end = prompt(MAX_SEQ_LEN - 5)
+    try:
+        tokens, chunks = asyncio.run(collect(engine, GenerationRequest(near_end, GREEDY)))
+        assert len(tokens) == 5 and chunks[-1].finish_reason is FinishReason.CONTEXT_LIMIT
+        tokens, chunks = asyncio.run(collect(engine, GenerationRequest(near_end, GREEDY, max_new_tokens=50)))
+        assert len(tokens) == 5 and chunks[-1].finish_reason is FinishReason.CONTEXT_LIMIT
+        tokens, chunks = asyncio.run(collect(engine, GenerationRequest(near_end, GREEDY, max_new_tokens=5)))
+        assert len(tokens) == 5 and chunks[-1].finish_reason is FinishReason.LENGTH
+        assert tokens == reference_greedy(model, near_end, 5)
+    finally:
+        engine.stop()
+
+
+def test_same_seed_same_tokens_alone_or_in_a_busy_batch(model):
+    sampled = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+    request = GenerationRequest(prompt(7), sampled, max_new_tokens=20)
+    engine = make_engine(model)
+
+    async def busy():
+        others = [GenerationRequest(prompt(n, offset=n), SamplingParams(temperature=0.8, seed=n), max_new_tokens=25)
+                  for n in (3, 11, 17)]
+        results = await asyncio.gather(*(collect(engine, r) for r in [*others[:2], request, others[2]]))
+        return results[2][0]
+
+    try:
+        alone = asyncio.run(collect(engine, request))[0]
+        in_batch = asyncio.run(busy())
+        other_seed = asyncio.run(collect(engine, GenerationRequest(prompt(7), SamplingParams(temperature=1.0,
+                                                                   top_p=0.95, seed=43), max_new_tokens=20)))[0]
+    finally:
+        engine.stop()
+    assert alone == in_batch
+    assert alone != other_seed
+
+
+def test_logprobs_and_echo_match_a_full_recompute(model):
+    engine = make_engine(model, prefill_chunk=5)  # the 13-token prompt arrives in three chunks
+    tokens_in = prompt(13)
+    request = GenerationRequest(tokens_in, GREEDY, max_new_tokens=4, logprobs=True, top_logprobs=3, echo=True)
+    try:
+        tokens, chunks = asyncio.run(collect(engine, request))
+    finally:
+        engine.stop()
+    reference = torch.log_softmax(recompute_logits(model, tokens_in + tokens), dim=-1)  # [n, vocab]
+    full = tokens_in + tokens
+    expected_prompt = [0.0] + [reference[i - 1, full[i]].item() for i in range(1, len(tokens_in))]
+    expected_output = [reference[i - 1, full[i]].item() for i in range(len(tokens_in), len(full))]
+    first = chunks[0]
+    assert first.prompt_logprobs == pytest.approx(expected_prompt, abs=1e-4)
+    assert len(first.prompt_top_logprobs) == len(tokens_in) and first.prompt_top_logprobs[0] == []
+    assert [t for t, _ in first.prompt_top_logprobs[5]] == reference[4].topk(3).indices.tolist()
+    logprobs = [lp for chunk in chunks for lp in chunk.logprobs]
+    assert logprobs == pytest.approx(expected_output, abs=1e-4)
+    top = [alts for chunk in chunks for alts in chunk.top_logprobs]
+    assert [[t for t, _ in alts] for alts in top] == [reference[i - 1].topk(3).indices.tolist()
+                                                       for i in range(len(tokens_in), len(full))]
+    assert all(not chunk.prompt_logprobs for chunk in chunks[1:])
+
+
+def test_a_slow_reader_gets_merged_chunks(model):
+    engine = make_engine(model)
+
+    async def run():
+        stream = engine.submit(GenerationRequest(prompt(4), GREEDY, max_new_tokens=6))
+        while engine.num_live:  # do not read until the generation is over
+            await asyncio.sleep(0.01)
+        return [chunk async for chunk in stream]
+
+    try:
+        chunks = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert len(chunks) == 1
+    assert chunks[0].token_ids == reference_greedy(model, prompt(4), 6)
+    assert chunks[0].finish_reason is FinishReason.LENGTH
+
+
+def test_cancel_and_deadline_free_the_slot(model):
+    engine = make_engine(model)
+
+    async def cancel_after_first_token():
+        stream = engine.submit(GenerationRequest(prompt(4), GREEDY))  # would run to the context limit
+        await stream.__anext__()
+        stream.cancel()
+        rest = [chunk async for chunk in stream]
+        return rest
+
+    async def deadline():
+        stream = engine.submit(GenerationRequest(prompt(4), GREEDY, timeout=0.0))
+        return [chunk async for chunk in stream]
+
+    try:
+        rest = asyncio.run(cancel_after_first_token())
+        assert rest[-1].finish_reason is FinishReason.CANCELLED
+        assert engine.num_live == 0 and gauge("llama_model_running_sequences") == 0
+        assert gauge("llama_model_kv_slots_used") == 0
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(deadline())
+        assert engine.num_live == 0 and gauge("llama_model_running_sequences") == 0
+    finally:
+        engine.stop()
+
+
+def test_queue_overflow_is_resource_exhausted(model):
+    engine = make_engine(model, start=False, max_queue=2)  # not stepping: every request stays queued
+
+    async def run():
+        streams = [engine.submit(GenerationRequest(prompt(3), GREEDY)) for _ in range(SLOTS + 2)]
+        assert gauge("llama_model_queued_requests") == SLOTS + 2
+        with pytest.raises(ResourceExhausted):
+            engine.submit(GenerationRequest(prompt(3), GREEDY))
+        return streams
+
+    asyncio.run(run())
+    engine.close()
+
+    async def closed():
+        with pytest.raises(Unavailable):
+            engine.submit(GenerationRequest(prompt(3), GREEDY))
+
+    asyncio.run(closed())
+
+
+@pytest.mark.parametrize("request_,field", [
+    (GenerationRequest([]), "prompt_token_ids"),
+    (GenerationRequest([1, VOCAB]), "prompt_token_ids"),
+    (GenerationRequest([-1]), "prompt_token_ids"),
+    (GenerationRequest(prompt(MAX_SEQ_LEN)), "prompt_token_ids"),
+    (GenerationRequest([1], SamplingParams(temperature=-1.0)), "sampling.temperature"),
+    (GenerationRequest([1], SamplingParams(top_p=0.0)), "sampling.top_p"),
+    (GenerationRequest([1], SamplingParams(top_k=-3)), "sampling.top_k"),
+    (GenerationRequest([1], max_new_tokens=-1), "stopping.max_new_tokens"),
+    (GenerationRequest(prompt(90), max_new_tokens=7, strict_context_limit=True), "stopping.max_new_tokens"),
+    (GenerationRequest([1], stop_token_ids=(VOCAB + 5,)), "stopping.stop_token_ids"),
+    (GenerationRequest([1], top_logprobs=-1), "output.top_logprobs"),
+    (GenerationRequest([1], top_logprobs=21), "output.top_logprobs"),
+])
+def test_invalid_requests_name_the_field(request_, field):
+    with pytest.raises(InvalidArgument) as error:
+        request_.validate(VOCAB, MAX_SEQ_LEN)
+    assert error.value.field == field
+
+
+def test_too_long_prompt_message_gives_both_numbers():
+    with pytest.raises(InvalidArgument, match=f"{MAX_SEQ_LEN + 4} tokens.*{MAX_SEQ_LEN}"):
+        GenerationRequest(prompt(MAX_SEQ_LEN + 4)).validate(VOCAB, MAX_SEQ_LEN)
+    GenerationRequest(prompt(90), max_new_tokens=6, strict_context_limit=True).validate(VOCAB, MAX_SEQ_LEN)
