@@ -6,11 +6,12 @@ wheel that ships ``tokenizer.model``: 256 tokens after the 128,000 BPE ranks.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama.serving.errors import InvalidArgument
-from tiktoken.load import load_tiktoken_bpe
 
 from .byte_level import LLAMA3_PATTERN, UnsupportedTokenizer, Vocabulary
 
@@ -37,12 +38,25 @@ SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS + [
 ]
 
 
-def vocab_from_tiktoken_model(path: Path) -> Vocabulary:
-    """A Llama 3 ``tokenizer.model`` (base64 token + rank per line) -> the reference's vocabulary."""
+def parse_tiktoken_bpe(contents: bytes) -> dict[bytes, int]:
+    """tiktoken's ``load_tiktoken_bpe`` format (a base64 token and its rank per line), from bytes
+    already read: the file is opened once, so it may be a pipe."""
+    ranks = {}
+    for line in contents.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    return ranks
+
+
+def vocab_from_tiktoken_model(path: Path, contents: bytes | None = None) -> Vocabulary:
+    """A Llama 3 ``tokenizer.model`` -> the reference's vocabulary."""
     try:
-        ranks = load_tiktoken_bpe(str(path))
-    except Exception as exc:  # a SentencePiece (Llama 2) model or anything else that is not tiktoken
+        ranks = parse_tiktoken_bpe(path.read_bytes() if contents is None else contents)
+    except (ValueError, binascii.Error) as exc:  # a SentencePiece (Llama 2) model, or anything else
         raise UnsupportedTokenizer(f"{path} is not a tiktoken BPE file (Llama 3 tokenizer.model): {exc}") from exc
+    if not ranks:
+        raise UnsupportedTokenizer(f"{path} is empty")
     num_base_tokens = len(ranks)
     special = {token: num_base_tokens + i for i, token in enumerate(SPECIAL_TOKENS)}
     return Vocabulary(

@@ -42,10 +42,10 @@ def _load(path: Path, mtime_ns: int) -> Tokenizer:
         if (path / "original" / "tokenizer.model").is_file():  # HF download of a Meta model
             return Tokenizer(vocab_from_tiktoken_model(path / "original" / "tokenizer.model"))
         raise UnsupportedTokenizer(f"{path} holds neither tokenizer.model (Meta) nor tokenizer.json (Hugging Face)")
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic == b"GGUF":
-        return Tokenizer(vocab_from_gguf(path))
     if path.name == "tokenizer.json":
         return Tokenizer(vocab_from_hf_dir(path.parent))
-    return Tokenizer(vocab_from_tiktoken_model(path))
+    with open(path, "rb") as file:  # opened once: a named pipe works too
+        magic = file.read(4)
+        if magic != b"GGUF":
+            return Tokenizer(vocab_from_tiktoken_model(path, magic + file.read()))
+    return Tokenizer(vocab_from_gguf(path))
