@@ -75,11 +75,15 @@ def install_problems(path: Path, makefile: Path, pyproject: Path) -> list[str]:
         tag = next(rest for keyword, rest in dockerfile_instructions(path) if keyword == "FROM")
         if f"torch=={args.get('TORCH_VERSION')}" != torch_spec or "${TORCH_VERSION}" not in tag:
             problems.append(f"{path.name}: base image torch {args.get('TORCH_VERSION')} but the Makefile installs {torch_spec}")
-        if not any(f"torch=={'${TORCH_VERSION}'}" in rest for keyword, rest in dockerfile_instructions(path)
-                   if keyword == "RUN"):
-            problems.append(f"{path.name}: torch is not held at the base image's version while installing")
+    # Every later pip call is constrained to that torch, so nothing swaps it for another build.
+    held = '"${TORCH_SPEC}"' if path.name == "Dockerfile" else '"torch==${TORCH_VERSION}"'
+    env = " ".join(rest for keyword, rest in dockerfile_instructions(path) if keyword == "ENV")
+    constraint = re.search(r"PIP_CONSTRAINT=(\S+)", env)
+    if not constraint or not any(f"echo {held} > {constraint.group(1)}" in rest
+                                 for keyword, rest in dockerfile_instructions(path) if keyword == "RUN"):
+        problems.append(f"{path.name}: torch is not held at its pinned version while installing")
     allowed = [
-        re.compile(r'pip install --no-cache-dir --index-url "\$\{TORCH_INDEX_URL\}" "\$\{TORCH_SPEC\}"'),
+        re.compile(r'pip install --no-cache-dir --index-url "\$\{TORCH_INDEX_URL\}" "\$\{TORCH_SPEC\}"( &&|$)'),
         re.compile(r"python /tmp/pyproject_requirements\.py pyproject\.toml > /tmp/requirements\.txt "
                    r"&& pip install --no-cache-dir -r /tmp/requirements\.txt$"),
         re.compile(r"pip install --no-cache-dir \. (&& .*)?$"),
@@ -121,8 +125,10 @@ def test_dependency_layer_installs_exactly_pyprojects_dependencies() -> None:
      "is not one of the project's own install steps"),
     ("deploy/docker/Dockerfile", "COPY gateway/ gateway/\n", "", "['gateway'], which are not copied"),
     ("deploy/docker/Dockerfile.cuda", 'echo "torch==${TORCH_VERSION}"', 'echo "torch"',
-     "torch is not held at the base image's version"),
-], ids=["torch-pin-drifts", "extra-pip-install", "package-not-copied", "cuda-torch-unpinned"])
+     "Dockerfile.cuda: torch is not held at its pinned version"),
+    ("deploy/docker/Dockerfile", "ENV PIP_CONSTRAINT=/tmp/torch-constraint.txt\n", "",
+     "Dockerfile: torch is not held at its pinned version"),
+], ids=["torch-pin-drifts", "extra-pip-install", "package-not-copied", "cuda-torch-unpinned", "cpu-torch-unpinned"])
 def test_install_check_bites(tmp_path: Path, file: str, old: str, new: str, expected: str) -> None:
     root = copy_repo_files(tmp_path)
     text = (root / file).read_text()
