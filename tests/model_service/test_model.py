@@ -1,0 +1,124 @@
+"""The serving KV cache: incremental decode equals full recompute, and a mixed batch (sequences at
+different positions, prompt chunks beside decode tokens, any slots) equals each sequence run alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_service.args import ModelArgs
+from model_service.build import build
+from model_service.model import Batch, Transformer, precompute_freqs_cis
+
+VOCAB = 512
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints: dict[str, Path]) -> Transformer:
+    return build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64).model
+
+
+def tokens(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def full(model: Transformer, seq: torch.Tensor, slot: int = 5) -> torch.Tensor:
+    """[len(seq), vocab]: the whole sequence in one causal pass from position 0."""
+    return model(Batch(seq, slots=[slot], start_pos=[0], lengths=[len(seq)]), all_logits=True)
+
+
+def test_incremental_decode_equals_full_recompute(model):
+    seq = tokens(20, seed=1)
+    expected = full(model, seq)
+    got = []
+    # A first prompt chunk, a second chunk that attends over the cached first one, then one token at a time.
+    got.append(model(Batch(seq[:6], [0], [0], [6]), all_logits=True))
+    got.append(model(Batch(seq[6:11], [0], [6], [5]), all_logits=True))
+    for pos in range(11, 20):
+        got.append(model(Batch(seq[pos:pos + 1], [0], [pos], [1])))
+    assert (torch.cat(got) - expected).abs().max().item() <= TOL
+
+
+def test_last_token_logits_are_the_last_row_of_all_logits(model):
+    seq = tokens(9, seed=2)
+    last = model(Batch(seq, [1], [0], [9]))
+    assert last.shape == (1, VOCAB)
+    assert (last[0] - full(model, seq)[-1]).abs().max().item() <= TOL
+
+
+def prefill(model: Transformer, seq: torch.Tensor, slot: int) -> None:
+    model(Batch(seq, [slot], [0], [len(seq)]))
+
+
+@pytest.mark.parametrize("slots", [[0, 2, 3, 1], [3, 0, 4, 1]], ids=["decode-slots-adjacent", "decode-slots-scattered"])
+def test_mixed_batch_equals_each_sequence_alone(model, slots):
+    # Four sequences: two decoding at different positions, one continuing its prompt, one new prompt.
+    histories = [tokens(7, 10), tokens(3, 11), tokens(0, 12), tokens(12, 13)]
+    new = [tokens(1, 20), tokens(4, 21), tokens(5, 22), tokens(1, 23)]
+    order = [0, 1, 3, 2]  # decode rows interleaved with chunk rows, new prompt last
+    for i in order:
+        if len(histories[i]):
+            prefill(model, histories[i], slots[i])
+    mixed = model(Batch(torch.cat([new[i] for i in order]), [slots[i] for i in order],
+                        [len(histories[i]) for i in order], [len(new[i]) for i in order]), all_logits=True)
+    rows = torch.split(mixed, [len(new[i]) for i in order])
+    for i, got in zip(order, rows, strict=True):
+        alone = full(model, torch.cat([histories[i], new[i]]))[len(histories[i]):]
+        assert (got - alone).abs().max().item() <= TOL, f"sequence {i}"
+    # Last-token mode returns one row per sequence, in batch order.
+    last = model(Batch(torch.cat([new[i] for i in order]), [slots[i] for i in order],
+                       [len(histories[i]) for i in order], [len(new[i]) for i in order]))
+    assert last.shape == (4, VOCAB)
+    assert (last - torch.stack([r[-1] for r in rows])).abs().max().item() <= TOL
+
+
+def test_stale_cache_contents_of_a_reused_slot_are_not_attended(model):
+    prefill(model, tokens(30, 30), slot=2)  # a long earlier occupant
+    seq = tokens(5, 31)
+    prefill(model, seq[:4], slot=2)  # the slot is reused by a shorter sequence
+    # Decode beside a sequence at position 30, so the gathered cache prefix covers the stale positions.
+    prefill(model, tokens(30, 32), slot=3)
+    out = model(Batch(torch.cat([seq[4:], tokens(1, 33)]), [2, 3], [4, 30], [1, 1]))
+    assert (out[0] - full(model, seq)[-1]).abs().max().item() <= TOL
+
+
+def test_batch_is_validated(model):
+    with pytest.raises(ValueError, match="sum to 3"):
+        model(Batch(tokens(2, 0), [0], [0], [3]))
+    with pytest.raises(ValueError, match="do not fit"):
+        model(Batch(tokens(2, 0), [0], [63], [2]))
+    with pytest.raises(ValueError, match="one slot"):
+        model(Batch(tokens(2, 0), [0, 1], [0], [2]))
+
+
+def test_forward_before_setup_caches_is_an_error():
+    from model_service import distributed
+
+    distributed.ensure_initialized()
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16))
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model(Batch(tokens(2, 0) % 64, [0], [0], [2]))
+
+
+def test_scaled_rope_matches_metas_published_rule():
+    # Meta's apply_scaling, written out per frequency: high frequencies kept, low ones / factor, blend between.
+    import math
+
+    args = ModelArgs(dim=128 * 4, n_heads=4, use_scaled_rope=True, rope_scaling_factor=32.0)
+    base = 1.0 / (args.rope_theta ** (torch.arange(0, 128, 2).double() / 128))
+    expected = []
+    for freq in base.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4:
+            expected.append(freq)
+        elif wavelen > 8192 / 1:
+            expected.append(freq / 32)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            expected.append((1 - smooth) * freq / 32 + smooth * freq)
+    freqs = precompute_freqs_cis(args, 2)[1].angle()  # position 1: angle == frequency
+    assert torch.allclose(freqs.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5)
+    assert len({round(f / e, 3) for f, e in zip(base.tolist(), expected, strict=True)}) > 3  # all three regimes
