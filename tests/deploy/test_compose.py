@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.tools import REPO, compose_config, compose_problems, copy_repo_files, unknown_variables
+from tests.deploy.tools import REPO, compose_config, compose_problems, copy_repo_files, settings_problems
 
 DEPLOY = REPO / "deploy"
 VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docker-compose.cpu.yml")}
@@ -27,8 +27,9 @@ def config(deploy: Path, variant: str, **env: str) -> dict:
 def test_compose_variant_is_valid_and_consistent(variant: str) -> None:
     rendered = config(DEPLOY, variant)
     assert compose_problems(rendered) == []
-    variables = {key for service in rendered["services"].values() for key in service.get("environment", {})}
-    assert unknown_variables(variables) == []
+    settings = {key: value for service in rendered["services"].values()
+                for key, value in service.get("environment", {}).items()}
+    assert settings_problems(settings) == []
 
 
 def test_gpu_variant_reserves_gpus_for_the_model_only_and_mounts_the_weights() -> None:

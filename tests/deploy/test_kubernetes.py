@@ -17,7 +17,7 @@ from tests.deploy.tools import (
     kustomize,
     overlay_with_components,
     render,
-    unknown_variables,
+    settings_problems,
     validate,
 )
 
@@ -59,9 +59,9 @@ def test_overlay_renders_and_validates_strictly(k8s_copy: Path, tmp_path: Path, 
 @pytest.mark.parametrize("overlay", ["cpu-demo", "gpu"])
 def test_settings_are_flags_the_servers_read(overlay: str) -> None:
     docs = render(K8S / "overlays" / overlay)
-    variables = {key for doc in docs if doc["kind"] == "ConfigMap" for key in doc["data"]}
-    assert "LLAMA_GATEWAY_MODEL_ADDRESS" in variables
-    assert unknown_variables(variables) == []
+    settings = {key: value for doc in docs if doc["kind"] == "ConfigMap" for key, value in doc["data"].items()}
+    assert "LLAMA_GATEWAY_MODEL_ADDRESS" in settings
+    assert settings_problems(settings) == []
 
 
 def test_overlays_run_the_images_the_dockerfiles_build() -> None:
@@ -180,5 +180,12 @@ def test_consistency_check_bites_when_gpus_and_tp_are_set_apart(tmp_path: Path) 
     assert "llama-model/model: nvidia.com/gpu limit None but LLAMA_MODEL_TP=2" in problems
 
 
-def test_flag_check_bites_on_a_misspelt_setting() -> None:
-    assert unknown_variables({"LLAMA_MODEL_MAX_BATCH", "LLAMA_MODEL_TP"}) == ["LLAMA_MODEL_MAX_BATCH"]
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"LLAMA_MODEL_MAX_BATCH": "4"}, "LLAMA_MODEL_MAX_BATCH: no server reads it"),
+    ({"LLAMA_MODEL_DEVICE": "gpu"}, "LLAMA_MODEL_DEVICE=gpu: not one of cpu, cuda"),
+    ({"LLAMA_MODEL_TP": "two"}, "model_service refuses its settings"),
+    ({"LLAMA_GATEWAY_GRACE_PERIOD": "5m"}, "gateway refuses its settings"),
+], ids=["misspelt", "not-a-choice", "not-an-int", "not-a-number"])
+def test_settings_check_bites(settings: dict[str, str], expected: str) -> None:
+    problems = settings_problems(settings)
+    assert any(expected in problem for problem in problems), problems

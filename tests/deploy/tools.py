@@ -238,23 +238,52 @@ def _autoscaling_problems(docs: list[dict[str, Any]], deployments: dict[str, Any
 
 # ---- Flags ---------------------------------------------------------------------------------------
 
+def _server_help(module: str, settings: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m MODULE --help` with only these LLAMA_* variables: the servers convert env values
+    while building their parser, so a bad value fails even here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
+    return subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "COLUMNS": "100000", **(settings or {})}, timeout=120)
+
+
 @functools.cache
-def service_env_variables() -> frozenset[str]:
-    """Every LLAMA_* variable the three servers read, as their own `--help` lists them."""
-    names: set[str] = set()
+def service_env_variables() -> dict[str, tuple[str, ...] | None]:
+    """Every LLAMA_* variable the three servers read, as their own `--help` lists them, with the
+    values it may take when the flag has choices (argparse does not check defaults against them)."""
+    variables: dict[str, tuple[str, ...] | None] = {}
     for module in SERVICES.values():
-        done = run(sys.executable, "-m", module, "--help", cwd=REPO, env={"COLUMNS": "100000"})
+        done = _server_help(module)
         assert done.returncode == 0, done.stderr
-        names |= set(re.findall(r"\[env: (LLAMA_[A-Z0-9_]+)\]", done.stdout))
+        for line in done.stdout.splitlines():
+            if match := re.search(r"\[env: (LLAMA_[A-Z0-9_]+)\]", line):
+                choices = re.match(r"\s*--[\w-]+ \{([^}]*)\}", line)
+                variables[match.group(1)] = tuple(choices.group(1).split(",")) if choices else None
     from llama.serving import healthcheck  # the health check reads a few of its own
-    names |= set(re.findall(r"LLAMA_HEALTHCHECK_[A-Z_]+", Path(healthcheck.__file__).read_text()))
-    return frozenset(names)
+    variables |= dict.fromkeys(re.findall(r"LLAMA_HEALTHCHECK_[A-Z_]+", Path(healthcheck.__file__).read_text()))
+    return variables
 
 
 def unknown_variables(variables: set[str]) -> list[str]:
     known = service_env_variables()
     return sorted(name for name in variables if name.startswith("LLAMA_") and name not in known
                   and name != "LLAMA_GRPC_CACHE")
+
+
+def settings_problems(settings: dict[str, str]) -> list[str]:
+    """Names the servers do not read, values outside a flag's choices, values a server rejects."""
+    problems = [f"{name}: no server reads it" for name in unknown_variables(set(settings))]
+    for name, value in settings.items():
+        choices = service_env_variables().get(name)
+        if choices and value not in choices:
+            problems.append(f"{name}={value}: not one of {', '.join(choices)}")
+    for service, module in SERVICES.items():
+        own = {k: v for k, v in settings.items() if k.startswith(f"LLAMA_{service.upper()}_")}
+        if not own:
+            continue
+        done = _server_help(module, own)
+        if done.returncode != 0:
+            problems.append(f"{module} refuses its settings: {done.stderr.strip().splitlines()[-1]}")
+    return problems
 
 
 # ---- Compose -------------------------------------------------------------------------------------
