@@ -1,0 +1,267 @@
+"""``llama.model.v1.ModelService`` over grpc.aio: a thin adapter in front of the engine.
+
+Each method turns protobuf into plain Python objects, makes one call into the engine and turns the
+result back into protobuf (TGI's ``server.py`` shape). Loading the weights and the warm-up step run
+in a thread while health says NOT_SERVING; the engine steps in its own thread; under ``--tp N`` the
+other ranks are child processes that follow rank 0 (``tp_worker.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import structlog
+import torch
+from llama.common.v1 import common_pb2
+from llama.model.v1 import model_pb2, model_pb2_grpc
+from llama.serving.context import REQUEST_ID_HEADER, current_request_id
+from llama.serving.errors import Unavailable
+from llama.serving.flags import server_parser
+from llama.serving.logs import configure_logging
+from llama.serving.server import GrpcServer
+
+from .engine import Engine, FinishReason, GenerationChunk, GenerationRequest, LocalRunner, TokenAlternatives
+from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
+from .tp_worker import LoadOptions, TensorParallelRunner
+
+log = structlog.get_logger()
+
+SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FINISH_REASONS = {
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
+    FinishReason.CONTEXT_LIMIT: common_pb2.FINISH_REASON_CONTEXT_LIMIT,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = server_parser(service="model", port=50052, metrics_port=9092,
+                           description="Llama 3 generation with continuous batching, over gRPC.")
+    cuda = torch.cuda.is_available()
+    parser.add_flag("--checkpoint", default=None,
+                    help="Meta directory, Hugging Face directory or GGUF file (default: the embedded SmolLM2)")
+    parser.add_flag("--tp", type=int, default=1, help="tensor-parallel ranks (processes) this command starts")
+    parser.add_flag("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_flag("--dtype", default=None, choices=sorted(DTYPES),
+                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_flag("--max-batch-size", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    parser.add_flag("--max-seq-len", type=int, default=2048,
+                    help="tokens per slot (prompt + output), capped at the model's context; 0: the model's context")
+    parser.add_flag("--max-queue", type=int, default=64,
+                    help="requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED")
+    parser.add_flag("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens per engine step: bounds how long a long prompt delays running streams")
+    parser.add_flag("--seed", type=int, default=1, help="seed for anything random at load time")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    for flag in ("tp", "max_batch_size", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0 or args.max_seq_len < 0:
+        parser.error("--max-queue and --max-seq-len must be >= 0")
+    return args
+
+
+def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None) -> GenerationRequest:
+    sampling, stopping, output = request.sampling, request.stopping, request.output
+    return GenerationRequest(
+        prompt_token_ids=list(request.prompt_token_ids),
+        sampling=SamplingParams(
+            temperature=sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
+            top_p=sampling.top_p if sampling.HasField("top_p") else DEFAULT_TOP_P,
+            top_k=sampling.top_k,
+            repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        ),
+        max_new_tokens=stopping.max_new_tokens,
+        stop_token_ids=tuple(stopping.stop_token_ids),
+        strict_context_limit=stopping.strict_context_limit,
+        logprobs=output.logprobs,
+        top_logprobs=output.top_logprobs,
+        echo=output.echo,
+        request_id=current_request_id() or request.request_id,
+        timeout=timeout,
+    )
+
+
+def _top_logprobs(alternatives: list[TokenAlternatives]) -> list[common_pb2.TopLogprobs]:
+    return [common_pb2.TopLogprobs(candidates=[common_pb2.TokenLogprob(token_id=token_id, logprob=logprob)
+                                               for token_id, logprob in position])
+            for position in alternatives]
+
+
+def response_from_chunk(chunk: GenerationChunk) -> model_pb2.GenerateResponse:
+    response = model_pb2.GenerateResponse(
+        token_ids=chunk.token_ids,
+        logprobs=chunk.logprobs,
+        top_logprobs=_top_logprobs(chunk.top_logprobs),
+        prompt_logprobs=chunk.prompt_logprobs,
+        prompt_top_logprobs=_top_logprobs(chunk.prompt_top_logprobs),
+    )
+    if chunk.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        response.usage.prompt_tokens = chunk.prompt_tokens
+        response.usage.generated_tokens = chunk.generated_tokens
+    return response
+
+
+def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
+    """Run ``fn`` in a daemon thread: unlike asyncio.to_thread, a load stuck forever (a rank that
+    never joins) cannot keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the awaiting coroutine
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, name="load", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled (shutdown during load)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class ModelServicer(model_pb2_grpc.ModelServiceServicer):
+    def __init__(self, args: argparse.Namespace, server: GrpcServer) -> None:
+        self.args = args
+        self.server = server
+        self.engine: Engine | None = None
+        self.info: Any = None
+        self.runner: TensorParallelRunner | LocalRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- RPCs --------------------------------------------------------------------------------
+
+    async def Generate(self, request: model_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[model_pb2.GenerateResponse]:
+        engine = self._ready()
+        if request.request_id and not any(key == REQUEST_ID_HEADER for key, _ in context.invocation_metadata() or ()):
+            structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        stream = engine.submit(request_from_proto(request, context.time_remaining()))
+        try:
+            async for chunk in stream:
+                yield response_from_chunk(chunk)
+        finally:  # finished, failed, or the caller went away (cancel, deadline, disconnect)
+            stream.cancel()
+
+    async def GetModelInfo(self, request: model_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> model_pb2.GetModelInfoResponse:
+        engine, info = self._ready(), self.info
+        return model_pb2.GetModelInfoResponse(
+            model_name=info.name,
+            family="llama",
+            vocab_size=info.vocab_size,
+            max_seq_len=engine.max_seq_len,
+            tensor_parallel_size=info.tp_size,
+            dtype=str(info.dtype).removeprefix("torch."),
+            device=str(info.device),
+            max_batch_size=engine.max_batch_size,
+            max_queue=engine.max_queue,
+            stop_token_ids=list(info.stop_token_ids),
+            checkpoint_format=info.format,
+            parameter_count=info.parameter_count,
+        )
+
+    def _ready(self) -> Engine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading; retry when health says SERVING")
+        return self.engine
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        engine = await _in_daemon_thread(self._load)
+        engine.start()
+        self.engine = engine
+
+    def _load(self) -> Engine:
+        args = self.args
+        options = LoadOptions(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len or None,
+                              seed=args.seed)
+        log.info("loading model", checkpoint=args.checkpoint or "embedded default", tp=args.tp,
+                 device=args.device, dtype=args.dtype)
+        if args.tp > 1:
+            self.runner = TensorParallelRunner(args.tp, options, on_rank_death=self.fatal)
+            loaded = self.runner.start()
+        else:
+            loaded = options.build()
+            self.runner = LocalRunner(loaded.model, loaded.info.device)
+        info = self.info = loaded.info
+        engine = Engine(self.runner, vocab_size=info.vocab_size, max_seq_len=info.max_seq_len,
+                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                        prefill_chunk=args.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
+                        on_fatal=self._on_engine_failure)
+        engine.warm_up()
+        log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
+                 max_seq_len=info.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,
+                 parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device))
+        return engine
+
+    def fatal(self, error: BaseException) -> None:
+        """Something the service cannot survive (a rank died): fail everything, exit non-zero."""
+        if self.engine is not None:
+            self.engine.fail(error)  # calls _on_engine_failure
+        else:
+            self._on_engine_failure(error)
+
+    def _on_engine_failure(self, error: BaseException) -> None:
+        log.error("model service failing", error=str(error))
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._begin_failure_shutdown)
+
+    def _begin_failure_shutdown(self) -> None:
+        asyncio.ensure_future(self.server.set_serving(False))
+        self.server.shutdown(exit_code=1)
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new work; running streams get the grace period to finish."""
+        if self.engine is not None:
+            self.engine.close()
+            log.info("draining generations", in_flight=self.engine.num_live)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        elif isinstance(self.runner, TensorParallelRunner):
+            self.runner.abort()
+
+
+async def serve(args: argparse.Namespace) -> tuple[int, ModelServicer]:
+    server = GrpcServer("model", args)  # grpc.aio binds to the running loop: create it inside
+    servicer = ModelServicer(args, server)
+    server.add(model_pb2_grpc.add_ModelServiceServicer_to_server, servicer, SERVICE_NAME)
+    return await server.run(startup=servicer.startup, drain=servicer.drain), servicer
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("model", args.log_level)
+    exit_code, servicer = asyncio.run(serve(args))
+    servicer.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: a failed rank can leave a thread blocked in a collective
+    # forever, and distributed/multiprocessing exit hooks could wait on it.
+    os._exit(exit_code)
