@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -83,7 +84,9 @@ def _rank_main(rank: int, world_size: int, init_method: str, device: str, fn: Ca
                args: tuple, results: Any) -> None:
     try:
         init_distributed(rank, world_size, init_method, rank_device(rank, device))
-        results.put((rank, True, fn(rank, *args)))
+        # Plain pickle: the queue's torch reducer would share tensor storage through file descriptors
+        # that vanish when this process exits.
+        results.put((rank, True, pickle.dumps(fn(rank, *args))))
     except BaseException:  # report any failure to the parent rather than hanging it
         results.put((rank, False, traceback.format_exc()))
         raise
@@ -122,7 +125,7 @@ def launch(world_size: int, fn: Callable[..., Any], *args: Any, device: str = "c
             rank, ok, value = _get(results, procs, timeout_s)
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=30)
