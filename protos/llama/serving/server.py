@@ -139,6 +139,9 @@ class GrpcServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # Clients re-resolve DNS only when a connection closes: recycling connections (running
+                # streams finish; the grace is unlimited) lets a scaled-up replica start taking calls.
+                ("grpc.max_connection_age_ms", 60_000),
             ],
         )
         self.health = health.aio.HealthServicer()
