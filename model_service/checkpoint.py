@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from model_service.args import ModelArgs
@@ -83,6 +83,11 @@ class CheckpointReader:
     def source_name(self, name: str) -> str:
         """The tensor's name in the checkpoint's own format, for error messages."""
         return name
+
+    def read_full(self, name: str) -> torch.Tensor:
+        """The whole tensor, merged across shard files (for conversion, not for serving)."""
+        dim = parallel_dim(name)
+        return self.read(name, dim, 0, 0 if dim is None else self.shape(name)[dim])
 
 
 def _narrow(tensor: torch.Tensor, dim: int | None, start: int, end: int) -> torch.Tensor:
@@ -282,9 +287,12 @@ class GGUFReader(CheckpointReader):
             except (ValueError, TypeError, IndexError):
                 continue
         self.metadata = metadata
+        # The parsed fields hold one numpy array per vocabulary string (~150 MB for a 128K vocab);
+        # everything we need from them is in `metadata` now.
+        self.reader.fields.clear()
         self.tensors = {gguf_to_meta_name(t.name): t for t in self.reader.tensors}
         rope_freqs = self.tensors.get("rope_freqs.weight")
-        factors = None if rope_freqs is None else [float(x) for x in self._dequantize(rope_freqs).reshape(-1)]
+        factors = None if rope_freqs is None else self._dequantize(rope_freqs).reshape(-1).tolist()
         self.args = ModelArgs.from_gguf(metadata, factors, has_output_weight="output.weight" in self.tensors)
         self.name = str(metadata.get("general.name") or path.stem)
         stops = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eom", "eot")]
@@ -293,14 +301,24 @@ class GGUFReader(CheckpointReader):
         self.bos_token_id = None if bos is None else int(bos)
 
     @staticmethod
-    def _dequantize(tensor: Any) -> np.ndarray:
+    def _dequantize(tensor: Any, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 [rows, cols] (or [cols] for a vector) of a GGUF tensor, optionally only some rows."""
         import gguf
 
-        # float32 [rows, cols] (GGUF lists dims innermost first, so t.shape is reversed)
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if not values.flags.writeable:  # F32 tensors come back as views of the read-only mmap
-            values = values.copy()
-        return values.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        data = tensor.data[rows]  # memory-mapped: [rows, cols] values, or [rows, bytes] of quantised blocks
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+            with warnings.catch_warnings():  # read-only mmap: fine, weights are never written
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(data)
+        if data.ndim == 1:
+            return torch.from_numpy(gguf.quants.dequantize(data, tensor.tensor_type))
+        # In row blocks: dequantize's temporaries are several times its output, so a whole embedding
+        # at once would spike memory by a few copies of the largest tensor.
+        out = torch.empty((data.shape[0], int(tensor.shape[0])), dtype=torch.float32)
+        for first in range(0, data.shape[0], 4096):
+            block = gguf.quants.dequantize(data[first: first + 4096], tensor.tensor_type)
+            out[first: first + 4096] = torch.from_numpy(block)
+        return out
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -313,8 +331,9 @@ class GGUFReader(CheckpointReader):
         return None if tensor is None else tuple(int(d) for d in reversed(tensor.shape))
 
     def read(self, name: str, dim: int | None, start: int, end: int) -> torch.Tensor:
-        # Quantised blocks run along rows, so dequantise the whole tensor, then cut the shard.
         # llama.cpp's converter already put q/k rows in Meta's interleaved-pair order (it applies
         # the inverse of HF's permutation), which is the order model.py's complex RoPE expects.
-        full = torch.from_numpy(self._dequantize(self.tensors[name]))
-        return _narrow(full, dim, start, end)
+        # Quantised blocks run along rows: a row range dequantises alone, columns need whole rows.
+        if dim == 0:
+            return self._dequantize(self.tensors[name], slice(start, end))
+        return _narrow(self._dequantize(self.tensors[name]), dim, start, end)

@@ -86,11 +86,23 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 TensorFn = Callable[[str], torch.Tensor]  # Meta name -> full float tensor in Meta's layout
 
 
+def meta_ffn_params(args: ModelArgs) -> ModelArgs:
+    """params.json has no hidden size, only Meta's rule (multiple_of, ffn_dim_multiplier): find values of
+    those that reproduce an explicit one (HF and GGUF configs state it)."""
+    hidden = args.ffn_hidden_dim
+    if replace(args, hidden_dim=None).ffn_hidden_dim == hidden:
+        return replace(args, hidden_dim=None)
+    base = int(2 * (4 * args.dim) / 3)
+    for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        for multiplier in (None, hidden / base, hidden / base + 1e-9):
+            candidate = replace(args, hidden_dim=None, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+            if candidate.ffn_hidden_dim == hidden:
+                return candidate
+    raise ValueError(f"Meta's params.json cannot express hidden size {hidden} for dim {args.dim}")
+
+
 def write_meta(out: Path, args: ModelArgs, get: TensorFn, shards: int, dtype: torch.dtype) -> None:
-    derived = replace(args, hidden_dim=None).ffn_hidden_dim
-    if args.ffn_hidden_dim != derived:
-        raise ValueError(f"Meta's params.json cannot express hidden size {args.ffn_hidden_dim} "
-                         f"(multiple_of/ffn_dim_multiplier give {derived})")
+    args = meta_ffn_params(args)
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
@@ -234,7 +246,7 @@ def write_checkpoint(out: str | Path, fmt: str, *, args: ModelArgs | None = None
         bos, stops = reader.bos_token_id, reader.stop_token_ids
 
         def get(n: str) -> torch.Tensor:
-            return reader.read(n, None, 0, 0).float()
+            return reader.read_full(n).float()
     else:
         args = args or PRESETS[preset or "tiny"]
         name = f"random-{preset or 'custom'}-seed{seed}"
