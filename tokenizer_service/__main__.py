@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import structlog
@@ -11,7 +12,6 @@ from llama.serving.logs import configure_logging
 from llama.serving.server import GrpcServer
 from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
-from .loader import load_tokenizer
 from .servicer import TokenizerServicer
 
 log = structlog.get_logger()
@@ -25,20 +25,24 @@ def parser() -> ServerArgumentParser:
                         "file (default: the embedded SmolLM2-135M-Instruct model)")
     flags.add_flag("--max-input-chars", type=int, default=4_000_000,
                    help="longest Encode text (and total chat message content) accepted, in characters")
+    flags.add_flag("--threads", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                   help="worker threads for large requests; each holds its own tiktoken copy "
+                        "(~36 MB for Llama 3)")
     return flags
 
 
 async def serve(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging("tokenizer", args.log_level)
-    servicer = TokenizerServicer(max_input_chars=args.max_input_chars)
+    if args.threads < 1:
+        raise SystemExit("--threads must be at least 1")
+    servicer = TokenizerServicer(max_input_chars=args.max_input_chars, threads=args.threads)
     server = GrpcServer("tokenizer", args)
     server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
                tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
 
     async def startup() -> None:
-        tokenizer = await asyncio.to_thread(load_tokenizer, args.tokenizer)
-        servicer.tokenizer = tokenizer
+        tokenizer = await servicer.load(args.tokenizer)
         log.info("tokenizer loaded", name=tokenizer.name, vocab_size=tokenizer.vocab_size,
                  chat_format=tokenizer.chat_format)
 

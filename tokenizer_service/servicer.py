@@ -6,7 +6,9 @@ Errors are raised, not aborted: the shared interceptor maps ``InvalidArgument`` 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
@@ -16,11 +18,12 @@ from llama.serving.errors import InvalidArgument, Unavailable
 from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from prometheus_client import Counter
 
+from .loader import load_tokenizer
 from .tokenizer import Tokenizer
 
-# Below this many characters (or ids) work runs on the event loop: a thread hop costs more than it.
-# Above it, tiktoken runs in a worker thread with the GIL released, so large requests use every core.
-_INLINE_LIMIT = 8192
+# Work on fewer characters (or 4 x ids) than this runs on the event loop: a thread hop costs more.
+# Larger work goes to the worker threads (tiktoken releases the GIL), so concurrent calls use cores.
+_INLINE_CHARS = 8192
 _T = TypeVar("_T")
 
 
@@ -39,10 +42,28 @@ def token_metrics() -> TokenMetrics:
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, max_input_chars: int) -> None:
-        self.tokenizer: Tokenizer | None = None  # set once loaded; until then calls get UNAVAILABLE
+    def __init__(self, max_input_chars: int, threads: int) -> None:
+        self.tokenizer: Tokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
         self.max_input_chars = max_input_chars
         self.metrics = token_metrics()
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenizer")
+
+    async def load(self, path: str | None) -> Tokenizer:
+        """Load in a worker thread, then give every worker (and the loop's thread) its tiktoken
+        Encoding up front, so the first calls do not pay for building them."""
+        loop = asyncio.get_running_loop()
+        tokenizer = await loop.run_in_executor(self.pool, load_tokenizer, path)
+        barrier = threading.Barrier(self.threads)  # holds each worker until all have one
+
+        def warm_up() -> None:
+            tokenizer.encoding()
+            barrier.wait(timeout=60)
+
+        await asyncio.gather(*(loop.run_in_executor(self.pool, warm_up) for _ in range(self.threads)))
+        tokenizer.encoding()
+        self.tokenizer = tokenizer
+        return tokenizer
 
     def _ready(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -55,7 +76,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                                   "(--max-input-chars)")
 
     async def _run(self, size: int, work: Callable[[], _T]) -> _T:
-        return work() if size <= _INLINE_LIMIT else await asyncio.to_thread(work)
+        if size <= _INLINE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
 
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Any:
         tokenizer = self._ready()

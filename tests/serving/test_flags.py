@@ -20,6 +20,7 @@ TWINS = {
     "--tls-key": ("LLAMA_TOKENIZER_TLS_KEY", "/certs/tls.key", "tls_key", "/certs/tls.key"),
     "--tokenizer": ("LLAMA_TOKENIZER_PATH", "/models/llama3", "tokenizer", "/models/llama3"),
     "--max-input-chars": ("LLAMA_TOKENIZER_MAX_INPUT_CHARS", "1234", "max_input_chars", 1234),
+    "--threads": ("LLAMA_TOKENIZER_THREADS", "3", "threads", 3),
 }
 
 
@@ -41,7 +42,7 @@ def test_env_twin_sets_the_flag_and_the_flag_wins(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(env, raw)
     assert getattr(parser().parse_args([]), dest) == value
     explicit = {"--log-level": "error", "--port": "7", "--metrics-port": "8", "--grace-period": "9.5",
-                "--max-input-chars": "10"}.get(flag, "/explicit")
+                "--max-input-chars": "10", "--threads": "2"}.get(flag, "/explicit")
     assert str(getattr(parser().parse_args([flag, explicit]), dest)) == explicit
 
 
