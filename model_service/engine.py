@@ -289,7 +289,7 @@ class Engine:
         seq.stream = GenerationStream(self, seq)
         with self._cond:
             if self._failure is not None:
-                raise Unavailable(f"the model engine failed ({self._failure}); the service is restarting")
+                raise Unavailable("the model engine failed and the service is restarting; retry shortly")
             if self._closed:
                 raise Unavailable("the model service is shutting down")
             if len(self._live) >= self.max_batch_size + self.max_queue:
@@ -372,7 +372,8 @@ class Engine:
             victims = list(self._live)
             self._cond.notify()
         log.error("engine failed", error=repr(error), requests=len(victims))
-        message = Unavailable(f"the model engine failed ({error}); the service is restarting")
+        # The cause (e.g. a gloo socket error) is in the log; the caller learns what to do about it.
+        message = Unavailable("the model engine failed and the service is restarting; retry shortly")
         for seq in victims:
             seq.finished = True
             self._outbox_deliver([(seq, GenerationChunk(error=message))])

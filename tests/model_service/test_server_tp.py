@@ -1,0 +1,82 @@
+"""Tensor-parallel serving: ``--tp 2`` on CPU (gloo) from one command, against tp=1's model core."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+
+import grpc
+import pytest
+from llama.model.v1 import model_pb2, model_pb2_grpc
+
+from model_service.build import build
+from tests.model_service.test_server import LONG_PROMPT, core_greedy, generate, greedy, request
+from tests.service_process import ServiceProcess
+
+MAX_SEQ_LEN = 2048
+
+
+def rank_processes(proc: ServiceProcess) -> list[int]:
+    """Pids of the spawned tensor-parallel ranks (children of the server running spawn_main)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.process.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def core(tiny_checkpoints):
+    return build(tiny_checkpoints["meta"], max_batch_size=1, max_seq_len=MAX_SEQ_LEN)
+
+
+@pytest.fixture(scope="module")
+def tp_server(tiny_checkpoints):
+    # The 1-file Meta checkpoint: each rank takes its half on load.
+    proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta"]), "--tp", "2",
+                          "--max-batch-size", "4", "--max-seq-len", str(MAX_SEQ_LEN))
+    try:
+        proc.wait_healthy(timeout=180)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_tp2_serves_the_same_greedy_tokens_as_tp1(tp_server, core):
+    with grpc.insecure_channel(tp_server.address) as channel:
+        info = model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(model_pb2.GetModelInfoRequest())
+    assert info.tensor_parallel_size == 2 and len(rank_processes(tp_server)) == 1
+    prompts = [[11, 22, 33, 44, 55, 66, 77], [1], list(range(100, 140)), [300, 301, 302]]
+
+    async def together():
+        return await asyncio.gather(*(generate(tp_server.address, request(p, **greedy(16))) for p in prompts))
+
+    for prompt, (tokens, responses) in zip(prompts, asyncio.run(together()), strict=True):
+        expected, reason = core_greedy(core, prompt, 16)
+        assert tokens == expected and responses[-1].finish_reason == reason
+
+
+def test_a_dying_rank_fails_requests_and_exits_non_zero(tiny_checkpoints):
+    proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta2"]), "--tp", "2",
+                          "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--grace-period", "30")
+    try:
+        proc.wait_healthy(timeout=180)
+        (rank1,) = rank_processes(proc)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(proc.address) as channel:
+                call = model_pb2_grpc.ModelServiceStub(channel).Generate(request(LONG_PROMPT, **greedy(0)))
+                await call.read()
+                os.kill(rank1, signal.SIGKILL)
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    while await call.read() != grpc.aio.EOF:
+                        pass
+                return error.value
+
+        error = asyncio.run(scenario())
+        assert error.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in error.details()
+        assert proc.process.wait(60) == 1  # no hang, and an orchestrator sees a failure
+        events = [e.get("event") for e in proc.log_events()]
+        assert "engine failed" in events and "model service failing" in events
+    finally:
+        proc.stop()
+    assert not rank_processes(proc)
