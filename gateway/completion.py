@@ -182,9 +182,11 @@ class Completions:
                     log.info("completion finished", finish_reason=reason, prompt_tokens=len(prompt_ids),
                              generated_tokens=chunk.finish.generated_tokens,
                              seconds=round(time.perf_counter() - started, 4))
+                    if chunk.finish.reason != FINISH_STOP_SEQUENCE:
+                        await model_stream.wait_closed()
                     return
             raise Unavailable(f"{self.model.name} at {self.model.address} ended the stream without a finish reason")
-        finally:
+        finally:  # stop sequence, error, or the caller went away: the model's slot is freed now
             model_stream.cancel()
             decoder.cancel()
 

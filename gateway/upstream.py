@@ -298,5 +298,10 @@ class ModelStream:
         except grpc.aio.AioRpcError as error:
             raise self.client.unavailable(error) from None
 
+    async def wait_closed(self) -> None:
+        """After the last message: let the call end with its own status (a cancel now would make
+        a finished generation look cancelled to the model service)."""
+        await self.call.code()
+
     def cancel(self) -> None:
         self.call.cancel()
