@@ -1,0 +1,108 @@
+"""Upstreams that go away, come back, start late, disagree, or run as several replicas."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llama.common.v1 import common_pb2
+from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llama.serving.assets import llama3_tokenizer_path
+
+from tests.service_process import ServiceProcess, free_port
+
+from .conftest import GREEDY, PARIS, Stack, metric, start_gateway, start_model, start_tokenizer
+
+SHORT = gateway_pb2.GenerateRequest(messages=PARIS, sampling=GREEDY,
+                                    stopping=common_pb2.StoppingCriteria(max_new_tokens=3))
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return -1
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize(("name", "label"), [("tokenizer", "tokenizer service"), ("model", "model service")])
+def test_upstream_down_is_unavailable_naming_it_and_served_again_when_back(stack: Stack, name: str, label: str):
+    upstream: ServiceProcess = getattr(stack, name)
+    upstream.stop()
+    with pytest.raises(grpc.RpcError) as error:
+        stack.stub.Generate(SHORT, timeout=30)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.value.details().startswith(f"{label} unavailable at {upstream.address}"), error.value.details()
+    wait_for(lambda: health(stack.gateway.address) == NOT_SERVING, what="gateway NOT_SERVING")
+
+    stack.restart(name)  # same port; the gateway process keeps running
+    wait_for(lambda: health(stack.gateway.address) == SERVING, what="gateway SERVING again")
+    assert stack.stub.Generate(SHORT, timeout=60).text == "The capital of"
+    assert stack.gateway.process.poll() is None
+
+
+def test_not_serving_until_both_upstreams_are_up(stack: Stack):
+    tokenizer_port = free_port()
+    with start_gateway(f"127.0.0.1:{tokenizer_port}", stack.model.address) as gateway:
+        wait_for(lambda: health(gateway.address) == NOT_SERVING, what="gateway to answer NOT_SERVING")
+        time.sleep(1)
+        assert health(gateway.address) == NOT_SERVING
+        with start_tokenizer(port=tokenizer_port) as tokenizer:
+            tokenizer.wait_healthy()
+            gateway.wait_healthy(timeout=30)
+            with grpc.insecure_channel(gateway.address) as channel:
+                reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(SHORT, timeout=60)
+            assert reply.text == "The capital of"
+        assert any(e["event"] == "waiting for upstreams" for e in gateway.log_events())
+
+
+def test_refuses_to_start_when_tokenizer_and_model_differ(stack: Stack):
+    # Meta's Llama 3 tokenizer (128,256 ids, stops 128001/128008/128009) in front of SmolLM2 (49,152, stop 2).
+    with start_tokenizer("--tokenizer", str(llama3_tokenizer_path())) as llama3:
+        llama3.wait_healthy()
+        gateway = start_gateway(llama3.address, stack.model.address)
+        try:
+            assert gateway.process.wait(60) == 1
+        finally:
+            gateway.stop()
+        log = gateway.log_text()
+    assert "refusing to start" in log
+    assert "vocabulary sizes differ" in log and "128256" in log and "49152" in log
+    assert "stop token ids differ" in log and "[128001, 128008, 128009]" in log and "[2]" in log
+
+
+def test_calls_spread_over_model_replicas(stack: Stack):
+    with start_model() as second:
+        second.wait_healthy(timeout=300)
+        replicas = [stack.model, second]
+
+        def generate_counts() -> list[float]:
+            return [metric(r.metrics_text(), "llama_model_requests_total", method="Generate", code="OK")
+                    for r in replicas]
+
+        for address in (f"{stack.model.address},{second.address}", f"dns:///localhost:{stack.model.port}"):
+            with start_gateway(stack.tokenizer.address, address) as gateway:
+                gateway.wait_healthy(timeout=60)
+                before = generate_counts()
+                with grpc.insecure_channel(gateway.address) as channel:
+                    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+                    for _ in range(6):
+                        assert stub.Generate(SHORT, timeout=60).text == "The capital of"
+                served = [after - b for after, b in zip(generate_counts(), before, strict=True)]
+                if "," in address:  # round robin over the list: both replicas take calls
+                    assert min(served) >= 2 and sum(served) == 6, served
+                else:  # a dns:/// target works too (one replica behind this name)
+                    assert served == [6, 0], served
