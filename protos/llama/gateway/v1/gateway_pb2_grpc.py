@@ -60,7 +60,8 @@ class GatewayServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """The whole completion in one response.
+        """The whole completion in one response: exactly what GenerateStream streams for the same request
+        and seed, joined.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +69,7 @@ class GatewayServiceServicer:
 
     def GenerateStream(self, request, context):
         """The completion as it is generated: text deltas (whole UTF-8), then finish reason and usage.
+        Cancelling the call cancels the generation upstream and frees its cache slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
