@@ -48,6 +48,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.metrics = token_metrics()
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenizer")
+        self._encodes_in_flight = 0  # large Encode calls whose parts are with the workers
 
     async def load(self, path: str | None) -> Tokenizer:
         """Load in a worker thread, then give every worker (and the loop's thread) its tiktoken
@@ -80,12 +81,35 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             return work()
         return await asyncio.get_running_loop().run_in_executor(self.pool, work)
 
+    async def _encode(self, tokenizer: Tokenizer, text: str, **options: bool) -> list[int]:
+        if len(text) <= _INLINE_CHARS:
+            return tokenizer.encode(text, **options)
+        # Idle workers take a share of this text, cut where the result cannot change: one large
+        # request then keeps every worker busy, as concurrent requests do (which need no cuts).
+        ways = max(1, self.threads - self._encodes_in_flight)
+        split_chars = max(2 * _INLINE_CHARS, -(-len(text) // ways)) if ways > 1 else None
+        plan = tokenizer.encode_plan(text, split_chars=split_chars, **options)
+        loop = asyncio.get_running_loop()
+        self._encodes_in_flight += 1
+        try:
+            runs = iter(await asyncio.gather(*(loop.run_in_executor(self.pool, tokenizer.encode_ordinary, part)
+                                               for part in plan if isinstance(part, str))))
+        finally:
+            self._encodes_in_flight -= 1
+        ids: list[int] = []
+        for part in plan:
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids.extend(next(runs))
+        return ids
+
     async def Encode(self, request: tokenizer_pb2.EncodeRequest, context: grpc.aio.ServicerContext) -> Any:
         tokenizer = self._ready()
         text = request.text
         self._check_size("text", len(text))
-        ids = await self._run(len(text), lambda: tokenizer.encode(
-            text, add_bos=request.add_bos, add_eos=request.add_eos, allow_special=request.allow_special))
+        ids = await self._encode(tokenizer, text, add_bos=request.add_bos, add_eos=request.add_eos,
+                                 allow_special=request.allow_special)
         self.metrics.encoded.inc(len(ids))
         return tokenizer_pb2.EncodeResponse(token_ids=ids)
 

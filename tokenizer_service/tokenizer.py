@@ -17,13 +17,15 @@ import regex
 import tiktoken
 from llama.serving.errors import FailedPrecondition, InvalidArgument
 
-from .byte_level import Vocabulary
+from .byte_level import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, Vocabulary
 from .chat_template import JinjaChatFormat
 from .llama3 import Llama3ChatFormat
 
 # Meta's reference: "The tiktoken tokenizer can handle <=400k chars without pyo3_runtime.PanicException"
 # and https://github.com/openai/tiktoken/issues/195 for runs of (non-)whitespace.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+# Pre-tokenizers for which split_at_word_gaps is exact (checked by the tests, pattern by pattern).
+WORD_GAP_PATTERNS = (LLAMA3_PATTERN, GPT2_PATTERN, SMOLLM_PATTERN)
 MAX_NO_WHITESPACES_CHARS = 25_000
 
 
@@ -76,6 +78,27 @@ def cut_long_runs(text: str, limit: int = MAX_NO_WHITESPACES_CHARS) -> Sequence[
     return (text,)
 
 
+def split_at_word_gaps(text: str, size: int) -> list[str]:
+    """``text`` cut into parts of about ``size`` characters, each cut just before a space that has a
+    letter on both sides. For the pre-tokenizer patterns in ``WORD_GAP_PATTERNS`` that position is
+    always a piece boundary: no alternative matches a letter followed by a space, and nothing before
+    it looks past the space (there is no lookbehind; the lookaheads only follow whitespace), so the
+    parts tokenize exactly as the whole does.
+    """
+    parts = []
+    start = 0
+    while len(text) - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and not (text[cut - 1].isalpha() and text[cut + 1:cut + 2].isalpha()):
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
+
+
 class Tokenizer:
     def __init__(self, vocab: Vocabulary) -> None:
         self.name = vocab.name
@@ -102,6 +125,7 @@ class Tokenizer:
         self._has_missing = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in missing) + b"]").search \
             if missing else None
         self._pieces = regex.compile(vocab.pattern)
+        self._word_gaps_are_boundaries = vocab.pattern in WORD_GAP_PATTERNS
         if vocab.meta_chunking:
             self.chat: Llama3ChatFormat | JinjaChatFormat | None = Llama3ChatFormat(self)
         elif vocab.chat_template:
@@ -126,26 +150,44 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
                allow_special: bool = False) -> list[int]:
         """Text -> ids. Special-token text is ordinary text unless ``allow_special``."""
+        ids: list[int] = []
+        for part in self.encode_plan(text, add_bos=add_bos, add_eos=add_eos, allow_special=allow_special):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_plan(self, text: str, *, add_bos: bool = False, add_eos: bool = False, allow_special: bool = False,
+                    split_chars: int | None = None) -> list[str | int]:
+        """``encode``'s work as independent parts: ids (BOS, EOS, allowed special tokens) and runs of
+        ordinary text, where ``encode_ordinary`` of each run, concatenated, is ``encode(text)``.
+
+        With ``split_chars``, runs longer than that are also cut at word gaps (letter, space,
+        letter), which are piece boundaries of the pre-tokenizer whatever surrounds them, so the
+        parts can be encoded in parallel with the same result.
+        """
         if not isinstance(text, str):
             raise InvalidArgument("text", f"must be a string, not {type(text).__name__}")
-        ids: list[int] = []
+        plan: list[str | int] = []
         if add_bos:
             if self.bos_token_id < 0:
                 raise InvalidArgument("add_bos", f"{self.name} has no BOS token")
-            ids.append(self.bos_token_id)
+            plan.append(self.bos_token_id)
         for chunk in self._chunks(text):
+            position = 0
             if allow_special and self._special_pattern is not None:
-                position = 0
                 for match in self._special_pattern.finditer(chunk):
-                    ids.extend(self._encode_ordinary(chunk[position:match.start()]))
-                    ids.append(self.special_tokens[match.group()])
+                    plan.append(chunk[position:match.start()])
+                    plan.append(self.special_tokens[match.group()])
                     position = match.end()
-                ids.extend(self._encode_ordinary(chunk[position:]))
-            else:
-                ids.extend(self._encode_ordinary(chunk))
+            plan.append(chunk[position:])
         if add_eos:
-            ids.append(self.eos_token_id)
-        return ids
+            plan.append(self.eos_token_id)
+        if split_chars and self._word_gaps_are_boundaries:
+            plan = [piece for part in plan
+                    for piece in (split_at_word_gaps(part, split_chars) if isinstance(part, str) else (part,))]
+        return [part for part in plan if part != ""]
 
     def _chunks(self, text: str) -> Iterator[str]:
         if not self._meta_chunking:
@@ -154,7 +196,8 @@ class Tokenizer:
         for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
             yield from cut_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS])
 
-    def _encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text, with no chunking (a run from ``encode_plan``)."""
         if not text:
             return []
         if self._has_missing is None or not self._has_missing(text.encode("utf-8", "surrogatepass")):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tokenizer_service import Tokenizer
+from tokenizer_service.byte_level import GPT2_PATTERN
+from tokenizer_service.model_files import vocab_from_gguf
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 # Bytes the SmolLM2 vocab has no token for are dropped (as Hugging Face drops them), so its round
@@ -89,3 +94,30 @@ def test_stream_of_arbitrary_ids_adds_up_to_decode(tokenizer: Tokenizer, data: s
     for delta in deltas:
         delta.encode("utf-8")
     assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+
+@pytest.fixture(scope="module")
+def gpt2_pattern(smollm_path: Path) -> Tokenizer:
+    """SmolLM2's vocabulary under GPT-2's pre-tokenizer: the third pattern word-gap splits serve."""
+    return Tokenizer(dataclasses.replace(vocab_from_gguf(smollm_path), pattern=GPT2_PATTERN))
+
+
+WORDY = st.lists(st.sampled_from(list("ab Z é漢Ω  \t\n\r12'.,-_!") + ["'s", "'ll", "<|eot_id|>", "<|im_end|>"]),
+                 max_size=40).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(st.one_of(WORDY, st.text(max_size=80)), st.integers(1, 12), st.booleans(), st.booleans())
+def test_word_gap_splits_do_not_change_ids(llama3: Tokenizer, smollm: Tokenizer, gpt2_pattern: Tokenizer,
+                                           text: str, split_chars: int, allow_special: bool, bos: bool) -> None:
+    for tokenizer in (llama3, smollm, gpt2_pattern) if _smollm_encodable(text) else (llama3,):
+        plan = tokenizer.encode_plan(text, add_bos=bos, allow_special=allow_special, split_chars=split_chars)
+        ids = [part for piece in plan for part in ([piece] if isinstance(piece, int) else tokenizer.encode_ordinary(piece))]
+        assert ids == tokenizer.encode(text, add_bos=bos, allow_special=allow_special)
+
+
+def test_word_gap_splits_happen(llama3: Tokenizer) -> None:
+    text = "Some words, then more words.\n" * 100
+    plan = llama3.encode_plan(text, split_chars=100)
+    assert len(plan) > 20 and "".join(plan) == text
+    assert all(part.startswith(" ") for part in plan[1:])
