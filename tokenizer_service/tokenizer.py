@@ -24,9 +24,9 @@ from .llama3 import Llama3ChatFormat
 # Meta's reference: "The tiktoken tokenizer can handle <=400k chars without pyo3_runtime.PanicException"
 # and https://github.com/openai/tiktoken/issues/195 for runs of (non-)whitespace.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
 # Pre-tokenizers for which split_at_word_gaps is exact (checked by the tests, pattern by pattern).
 WORD_GAP_PATTERNS = (LLAMA3_PATTERN, GPT2_PATTERN, SMOLLM_PATTERN)
-MAX_NO_WHITESPACES_CHARS = 25_000
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,6 @@ class Tokenizer:
         self.stop_token_ids = list(vocab.stop_token_ids)
         self.special_tokens = dict(vocab.special_tokens)
         self._special_ids = frozenset(self.special_tokens.values())
-        self._special_names = {token_id: text for text, token_id in self.special_tokens.items()}
         self._meta_chunking = vocab.meta_chunking
         self._encoding_args = {"name": vocab.name, "pat_str": vocab.pattern,
                                "mergeable_ranks": vocab.mergeable_ranks, "special_tokens": vocab.special_tokens}
