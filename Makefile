@@ -12,7 +12,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: install node assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine clean
+.PHONY: install node assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -59,10 +59,12 @@ clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-engine
+bench: bench-tokenizer bench-model bench-engine bench-gateway
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
 	$(PY) bench/model_bench.py
 bench-engine: install assets
 	$(PY) bench/engine_bench.py
+bench-gateway: install assets
+	$(PY) bench/gateway_bench.py
