@@ -18,7 +18,10 @@ def set_request_id(request_id: str) -> contextvars.Token[str]:
 
 
 def reset_request_id(token: contextvars.Token[str]) -> None:
-    _request_id.reset(token)
+    try:
+        _request_id.reset(token)
+    except ValueError:  # a stream finalised outside the context that served it (cancel at shutdown)
+        pass
 
 
 def new_request_id() -> str:
