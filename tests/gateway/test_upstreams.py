@@ -94,15 +94,23 @@ def test_calls_spread_over_model_replicas(stack: Stack):
                     for r in replicas]
 
         for address in (f"{stack.model.address},{second.address}", f"dns:///localhost:{stack.model.port}"):
-            with start_gateway(stack.tokenizer.address, address) as gateway:
-                gateway.wait_healthy(timeout=60)
-                before = generate_counts()
-                with grpc.insecure_channel(gateway.address) as channel:
-                    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-                    for _ in range(6):
+            # Health checks share the channel's round robin: none during the count (--health-interval 60).
+            with start_gateway(stack.tokenizer.address, address, "--health-interval", "60") as gateway, \
+                    grpc.insecure_channel(gateway.wait_healthy(timeout=60).address) as channel:
+                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+                def served_by(calls: int, stub=stub) -> list[float]:  # noqa: ANN001
+                    before = generate_counts()
+                    for _ in range(calls):
                         assert stub.Generate(SHORT, timeout=60).text == "The capital of"
-                served = [after - b for after, b in zip(generate_counts(), before, strict=True)]
-                if "," in address:  # round robin over the list: both replicas take calls
-                    assert min(served) >= 2 and sum(served) == 6, served
+                    return [after - b for after, b in zip(generate_counts(), before, strict=True)]
+
+                if "," in address:  # round robin over the list
+                    # Until a replica's connection and health watch are up it takes no calls.
+                    deadline = time.monotonic() + 30
+                    while min(served_by(2)) == 0 and time.monotonic() < deadline:
+                        pass
+                    served = served_by(6)
+                    assert served == [3, 3], served  # then they strictly alternate
                 else:  # a dns:/// target works too (one replica behind this name)
-                    assert served == [6, 0], served
+                    assert served_by(6) == [6, 0]
