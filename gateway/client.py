@@ -135,7 +135,8 @@ def run_one(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.Gene
         stop = f" {last.stop_sequence!r}" if last and last.stop_sequence else ""
         rate = f", {timing['tokensPerSecond']} tokens/s" if timing["tokensPerSecond"] else ""
         first = f", first token {timing['firstTokenSeconds']} s" if timing["firstTokenSeconds"] else ""
-        print(f"\n[{finish.removeprefix('FINISH_REASON_').lower()}{stop}: {last.usage.prompt_tokens if last else 0} "
+        print(flush=True)  # end the answer's line on stdout
+        print(f"[{finish.removeprefix('FINISH_REASON_').lower()}{stop}: {last.usage.prompt_tokens if last else 0} "
               f"prompt + {generated} generated tokens{first}, total {timing['totalSeconds']} s{rate}; "
               f"request id {args.server_request_id}]", file=sys.stderr, flush=True)
     return "".join(text)
