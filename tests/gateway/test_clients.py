@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
+from llama.common.v1 import common_pb2
+from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from tests.service_process import REPO
 
@@ -105,22 +108,36 @@ def _stack(*args: str) -> subprocess.Popen:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_for_banner(process: subprocess.Popen, timeout: float = 300) -> tuple[str, list[str], list[str]]:
+    """(gateway address, log lines before the banner, the banner's lines) once the stack serves."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if "llama-grpc is serving" in line:
+            banner = [next(process.stdout) for _ in range(7)]
+            return banner[0].split()[1], lines, banner
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise AssertionError("the stack did not serve:\n" + "".join(lines[-30:]) + process.stderr.read())
+
+
+def _interrupt(process: subprocess.Popen) -> str:
+    """Ctrl-C the stack; return its stderr."""
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    return stderr
+
+
 def test_stack_serves_and_stops_cleanly_on_ctrl_c():
     process = _stack()
-    lines = []
     try:
-        deadline = time.monotonic() + 300
-        for line in process.stdout:
-            lines.append(line)
-            if "llama-grpc is serving" in line or time.monotonic() > deadline:
-                break
-        banner = [next(process.stdout) for _ in range(7)]
-        address = banner[0].split()[1]
+        address, lines, banner = _wait_for_banner(process)
         assert run(sys.executable, "-m", "gateway.client", "chat", "What is the capital of France?",
                    "--temperature", "0", "--address", address).stdout.strip() == PARIS_ANSWER
         assert any("chat \"What is the capital of France?\"" in line for line in banner)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        stderr = _interrupt(process)
     finally:
         if process.poll() is None:
             process.kill()
@@ -128,6 +145,42 @@ def test_stack_serves_and_stops_cleanly_on_ctrl_c():
     assert "stack: stopped (tokenizer 0, model 0, gateway 0)" in stderr
     # The services' logs come through, one compact line each, prefixed by the service.
     assert any(line.lstrip().startswith("model | info    serving") for line in lines), lines[-20:]
+
+
+def test_stack_on_a_meta_llama3_directory(tmp_path):
+    """--checkpoint points all three at a Meta-format directory: Llama 3 tokenizer, chat format, stops."""
+    from llama.serving.assets import llama3_tokenizer_path
+
+    from model_service.args import ModelArgs
+    from model_service.make_checkpoint import write_checkpoint
+
+    # Random weights, real Llama 3 vocabulary (128,256 ids) and tokenizer.model beside them.
+    tiny = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    checkpoint = write_checkpoint(tmp_path / "Meta-Llama-3-tiny", "meta", args=tiny)
+    shutil.copy(llama3_tokenizer_path(), checkpoint / "tokenizer.model")
+    process = _stack("--checkpoint", str(checkpoint))
+    try:
+        address, _, _ = _wait_for_banner(process)
+        with grpc.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            info = stub.GetInfo(gateway_pb2.GetInfoRequest(), timeout=30)
+            assert (info.model.checkpoint_format, info.tokenizer.chat_format) == ("meta", "llama3")
+            assert list(info.model.stop_token_ids) == [128001, 128008, 128009]
+            dialog = [common_pb2.Message(role="system", content="This is a test sentence."),
+                      common_pb2.Message(role="user", content="This is a response.")]
+            # Meta's golden ids for this dialog (the reference's test_tokenizer.py).
+            assert list(stub.Tokenize(gateway_pb2.TokenizeRequest(messages=dialog), timeout=30).token_ids) == [
+                128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009,
+                128006, 882, 128007, 271, 2028, 374, 264, 2077, 13, 128009, 128006, 78191, 128007, 271]
+            reply = stub.Generate(gateway_pb2.GenerateRequest(
+                messages=dialog, sampling=common_pb2.SamplingParams(temperature=0),
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=8)), timeout=60)
+            assert reply.usage.prompt_tokens == 26 and 1 <= reply.usage.generated_tokens <= 8
+        stderr = _interrupt(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
 
 
 def test_stack_stops_everything_when_one_service_dies(tmp_path):
