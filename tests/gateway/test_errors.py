@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -120,12 +121,17 @@ def test_deadline_exceeded_frees_the_slot(stack: Stack):
 
 
 def test_caller_cancel_cancels_the_model_stream(stack: Stack):
-    cancelled_before = stack.model_metric("llama_model_requests_total", method="Generate", code="CANCELLED")
-    call = stack.stub.GenerateStream(LONG, timeout=120)
+    request_id = f"caller-cancel-{uuid.uuid4().hex[:12]}"
+    call = stack.stub.GenerateStream(LONG, timeout=120, metadata=(("x-request-id", request_id),))
     next(call), next(call)
     call.cancel()
     stack.wait_model_idle()
-    assert stack.model_metric("llama_model_requests_total", method="Generate", code="CANCELLED") == cancelled_before + 1
+    deadline = time.monotonic() + 10
+    while not (finished := [e for e in stack.model.log_events() if e.get("request_id") == request_id
+                            and e.get("event") == "generation finished"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert finished and finished[0]["finish_reason"] == "cancelled", finished
+    assert finished[0]["generated_tokens"] < 400
 
 
 def test_queue_full_is_resource_exhausted(stack: Stack):
