@@ -451,7 +451,7 @@ class Engine:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(seq.tokens, device=self.device)] = True
-        generator = None if params.greedy else new_generator(params.seed, self.device)
+        generator = None if params.greedy else new_generator(params.seed)
         seq.row = SamplingRow(params, generator, seen, seq.request.logprobs, seq.request.top_logprobs)
         if not seq.internal:
             self.metrics.prompt_tokens.inc(seq.prompt_len)

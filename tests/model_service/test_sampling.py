@@ -1,5 +1,5 @@
-"""Sampling against independent truths: Meta's sample_top_p (verbatim below), Hugging Face's logits
-processors, and torch's own log_softmax / argmax."""
+"""Sampling against independent truths: Meta's sample_top_p (copied below), Hugging Face's logits
+processors, torch's own log_softmax / argmax, and the frequencies of many draws."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from llama.serving.errors import InvalidArgument
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from model_service.sampling import (
+    NUCLEUS_PREFIX,
     SamplingParams,
     SamplingRow,
     _filtered_probs,
@@ -20,18 +21,25 @@ from model_service.sampling import (
     token_logprobs,
 )
 
-VOCAB = 512
+VOCAB = 4096  # wider than NUCLEUS_PREFIX, so the prefix-widening path is exercised
 
 
-def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """llama3/generation.py's sample_top_p, copied as published, plus the generator argument."""
+def meta_distribution(logits: torch.Tensor, temperature: float, p: float) -> dict[int, float]:
+    """What llama3/generation.py's sample_top_p draws from (its lines up to torch.multinomial, as
+    published), after generate's softmax(logits / temperature); by token id."""
+    probs = torch.softmax(logits / temperature, dim=-1)
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
+    probs_sort[probs_sum - probs_sort > p] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+    return {int(t): float(q) for t, q in zip(probs_idx, probs_sort, strict=True) if q > 0}
+
+
+def our_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> dict[int, float]:
+    weights, ids = _filtered_probs(logits[None], torch.tensor([[temperature]]), torch.tensor([[top_k or VOCAB]]),
+                                   torch.tensor([[top_p]]))
+    total = weights.sum()
+    return {int(t): float(w / total) for t, w in zip(ids[0], weights[0], strict=True) if w > 0}
 
 
 def random_logits(n: int, seed: int = 0) -> torch.Tensor:
@@ -39,7 +47,7 @@ def random_logits(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def row(params: SamplingParams, **kwargs) -> SamplingRow:
-    return SamplingRow(params, None if params.greedy else new_generator(params.seed, "cpu"), **kwargs)
+    return SamplingRow(params, None if params.greedy else new_generator(params.seed), **kwargs)
 
 
 def test_greedy_is_argmax_per_row():
@@ -48,28 +56,47 @@ def test_greedy_is_argmax_per_row():
     assert [s.token_id for s in got] == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.6, 0.9), (1.0, 1.0), (0.3, 0.5), (1.5, 0.95)])
-def test_matches_meta_sample_top_p_alone_and_in_a_mixed_batch(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,scale", [(0.6, 0.9, 3.0), (1.0, 1.0, 3.0), (0.3, 0.5, 3.0),
+                                                      (1.5, 0.95, 3.0), (1.0, 0.9, 0.3)])
+def test_draws_from_exactly_metas_nucleus(temperature, top_p, scale):
+    # scale 0.3: a flat distribution whose nucleus is wider than the first prefix guessed
+    logits = random_logits(1, seed=1)[0] / 3 * scale
+    expected = meta_distribution(logits, temperature, top_p)
+    got = our_distribution(logits, temperature, top_p)
+    assert got.keys() == expected.keys()
+    assert max(abs(got[t] - expected[t]) for t in got) < 1e-6
+    if scale < 1 and top_p < 1:
+        assert len(expected) > NUCLEUS_PREFIX
+
+
+def test_draw_frequencies_follow_the_distribution():
+    logits = random_logits(1, seed=2) / 3
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=6)
+    probabilities = our_distribution(logits[0], 1.0, 0.9, top_k=6)
+    n = 4000
+    rows = [SamplingRow(params, new_generator(seed)) for seed in range(n)]  # n independent requests
+    drawn = [s.token_id for s in sample(logits.expand(n, VOCAB), rows)]
+    assert set(drawn) <= probabilities.keys()
+    for token, q in probabilities.items():
+        sigma = math.sqrt(q * (1 - q) / n)
+        assert abs(drawn.count(token) / n - q) < 5 * sigma + 1e-3
+
+
+def test_a_seed_draws_the_same_tokens_alone_and_in_a_mixed_batch():
     logits = random_logits(4, seed=1)
     target = 2
-    expected = []
-    generator = torch.Generator().manual_seed(1234)
-    for _ in range(20):  # 20 consecutive draws from one generator, as a request's steps would make
-        probs = torch.softmax(logits[target:target + 1] / temperature, dim=-1)
-        expected.append(meta_sample_top_p(probs, top_p, generator).item())
-
-    params = SamplingParams(temperature=temperature, top_p=top_p, seed=1234)
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=1234)
     alone, in_batch = row(params), row(params)
-    others = [row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=1.0, top_k=5, seed=7)),
-              None, row(SamplingParams(temperature=0.8, top_p=0.7, repetition_penalty=1.3, seed=9),
+    others = [row(SamplingParams(temperature=0.0)), row(SamplingParams(temperature=1.0, top_k=5000, seed=7)),
+              None, row(SamplingParams(temperature=0.8, top_p=1.0, repetition_penalty=1.3, seed=9),
                         seen=torch.rand(VOCAB) > 0.5)]
     got_alone, got_batch = [], []
-    for _ in range(20):
+    for _ in range(20):  # consecutive draws, as a request's steps make them
         got_alone.append(sample(logits[target:target + 1], [alone])[0].token_id)
         batch_rows = [in_batch if r is None else r for r in others]
         got_batch.append(sample(logits, batch_rows)[target].token_id)
-    assert got_alone == expected
-    assert got_batch == expected
+    assert got_alone == got_batch
+    assert set(got_alone) <= meta_distribution(logits[target], 0.7, 0.9).keys()
 
 
 def test_seed_decides_the_draws():
@@ -84,24 +111,21 @@ def test_seed_decides_the_draws():
         [sample(logits, [unseeded[1]])[0].token_id for _ in range(10)]
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (10, 1.0), (10, 0.5), (50, 0.8), (1, 0.9)])
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (10, 1.0), (10, 0.5), (50, 0.8), (1, 0.9), (2000, 0.95)])
 def test_kept_tokens_match_hugging_face_top_k_then_top_p(top_k, top_p):
     logits = random_logits(3, seed=3)
     temperature = 0.7
-    probs_sort, probs_idx = _filtered_probs(
-        logits, torch.full((3, 1), temperature), torch.full((3, 1), top_k or VOCAB), torch.full((3, 1), top_p))
     scores = logits / temperature
     if top_k:
         scores = TopKLogitsWarper(top_k)(None, scores)
     scores = TopPLogitsWarper(top_p)(None, scores)
     for i in range(3):
-        ours = set(probs_idx[i][probs_sort[i] > 0].tolist())
-        theirs = set(torch.nonzero(scores[i] > -math.inf).flatten().tolist())
-        assert ours == theirs
-        assert torch.allclose(probs_sort[i].sum(), torch.tensor(1.0))
+        ours = our_distribution(logits[i], temperature, top_p, top_k)
+        kept = torch.nonzero(scores[i] > -math.inf).flatten()
+        assert ours.keys() == set(kept.tolist())
         # what is kept keeps its relative odds
-        kept = probs_idx[i][probs_sort[i] > 0]
-        assert torch.allclose(probs_sort[i][probs_sort[i] > 0], torch.softmax(scores[i][kept], -1), atol=1e-6)
+        expected = torch.softmax(scores[i][kept], -1)
+        assert max(abs(ours[int(t)] - float(q)) for t, q in zip(kept, expected, strict=True)) < 1e-6
 
 
 def test_draws_stay_inside_top_k():
