@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 import time
 
 import grpc
@@ -336,3 +338,50 @@ def test_queue_overflow_is_resource_exhausted_and_sigterm_drains(tiny_checkpoint
         assert proc.process.wait(60) == 0
     finally:
         proc.stop()
+
+
+def test_a_dropped_connection_frees_its_slot(server):
+    """The client process dies mid-stream (no cancel sent): the server notices the connection go."""
+    client = f"""
+import os, grpc
+from llama.model.v1 import model_pb2, model_pb2_grpc
+from llama.common.v1 import common_pb2
+stub = model_pb2_grpc.ModelServiceStub(grpc.insecure_channel("{server.address}"))
+stream = stub.Generate(model_pb2.GenerateRequest(prompt_token_ids={LONG_PROMPT},
+    sampling=common_pb2.SamplingParams(temperature=0), stopping=common_pb2.StoppingCriteria(max_new_tokens=600)))
+next(stream)
+print("streaming", flush=True)
+os._exit(0)
+"""
+    cancelled_before = metric(server, "llama_model_finished_requests_total", {"reason": "cancelled"})
+    result = subprocess.run([sys.executable, "-c", client], capture_output=True, text=True, timeout=60)
+    assert "streaming" in result.stdout, result.stderr
+    wait_for(lambda: metric(server, "llama_model_finished_requests_total", {"reason": "cancelled"})
+             == cancelled_before + 1)
+    wait_for(lambda: metric(server, "llama_model_running_sequences") == 0)
+    assert metric(server, "llama_model_kv_slots_used") == 0
+
+
+def test_latency_metrics_are_recorded(server):
+    before = {name: metric(server, name) for name in (
+        "llama_model_time_to_first_token_seconds_count", "llama_model_inter_token_latency_seconds_count",
+        "llama_model_step_seconds_count", "llama_model_generated_tokens_total")}
+    tokens, _ = run(generate(server.address, request([7, 8, 9], **greedy(5))))
+    assert metric(server, "llama_model_time_to_first_token_seconds_count") == \
+        before["llama_model_time_to_first_token_seconds_count"] + 1
+    assert metric(server, "llama_model_inter_token_latency_seconds_count") == \
+        before["llama_model_inter_token_latency_seconds_count"] + len(tokens) - 1
+    assert metric(server, "llama_model_generated_tokens_total") == before["llama_model_generated_tokens_total"] + len(tokens)
+    assert metric(server, "llama_model_step_seconds_count") > before["llama_model_step_seconds_count"]
+    assert metric(server, "llama_model_requests_total", {"method": "Generate", "code": "OK"}) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_serves_the_model_cores_greedy_tokens(tiny_checkpoints, core):
+    prompt = [11, 22, 33, 44, 55, 66, 77]
+    with ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta"]), "--device", "cuda",
+                        "--dtype", "float32", "--max-seq-len", "512") as proc:
+        proc.wait_healthy()
+        tokens, _ = run(generate(proc.address, request(prompt, **greedy(16))))
+    assert tokens == core_greedy(core, prompt, 16)[0]
