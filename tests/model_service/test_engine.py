@@ -292,3 +292,29 @@ def test_too_long_prompt_message_gives_both_numbers():
     with pytest.raises(InvalidArgument, match=f"{MAX_SEQ_LEN + 4} tokens.*{MAX_SEQ_LEN}"):
         GenerationRequest(prompt(MAX_SEQ_LEN + 4)).validate(VOCAB, MAX_SEQ_LEN)
     GenerationRequest(prompt(90), max_new_tokens=6, strict_context_limit=True).validate(VOCAB, MAX_SEQ_LEN)
+
+
+def test_a_cancelled_or_expired_sequence_leaves_at_the_next_step(model):
+    engine = make_engine(model, start=False)  # the test drives the steps itself
+
+    async def run():
+        cancelled = engine.submit(GenerationRequest(prompt(4), GREEDY))
+        expiring = engine.submit(GenerationRequest(prompt(5), GREEDY, timeout=3600.0))
+        staying = engine.submit(GenerationRequest(prompt(6), GREEDY))
+        for _ in range(3):
+            engine._step()
+        assert len(engine.scheduler.running) == 3 and gauge("llama_model_kv_slots_used") == 3
+        cancelled.cancel()
+        next(seq for seq in engine.scheduler.running if seq.prompt_len == 5).deadline = 0.0  # passed
+        engine._step()  # one step
+        assert [seq.prompt_len for seq in engine.scheduler.running] == [6]
+        assert gauge("llama_model_running_sequences") == 1 and gauge("llama_model_kv_slots_used") == 1
+        await asyncio.sleep(0)  # let the step's deliveries land
+        assert [c async for c in cancelled][-1].finish_reason is FinishReason.CANCELLED
+        with pytest.raises(DeadlineExceeded):
+            [c async for c in expiring]
+        staying.cancel()
+        engine._step()
+        assert engine.num_live == 0 and gauge("llama_model_running_sequences") == 0
+
+    asyncio.run(run())
