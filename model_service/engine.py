@@ -550,6 +550,8 @@ class Engine:
         with self._cond:
             seq.finished = True
             self._live.discard(seq)
+            self._num_running = len(self.scheduler.running)
+            self._update_gauges()  # before the counter and the log line below: they never run ahead of it
         if seq.internal:
             return
         outcome = reason.value if reason is not None else type(error).__name__
