@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +158,6 @@ class ModelArgs:
         )
         if rope_freq_factors is None:
             return args
-        from dataclasses import replace
-
         scaled = replace(args, use_scaled_rope=True, rope_scaling_factor=float(max(rope_freq_factors)))
         expected = llama3_rope_divisors(scaled)
         if any(not math.isclose(a, b, rel_tol=1e-4) for a, b in zip(expected, rope_freq_factors, strict=True)):

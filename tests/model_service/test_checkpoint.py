@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from model_service.args import ModelArgs
 from model_service.build import build, parameter_count
 from model_service.checkpoint import detect_format
-from model_service.make_checkpoint import PRESETS, write_checkpoint
+from model_service.make_checkpoint import write_checkpoint
 from model_service.model import Batch
 
 PROMPT = torch.arange(1, 13)
@@ -59,7 +59,7 @@ def test_info_is_what_the_checkpoint_declares(fmt, tiny_checkpoints):
 
 
 def test_serving_length_is_capped_by_the_checkpoint_context(tmp_path):
-    path = write_checkpoint(tmp_path / "hf", "hf", args=PRESETS["tiny"].__class__(
+    path = write_checkpoint(tmp_path / "hf", "hf", args=ModelArgs(
         dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=48))
     assert build(path, max_batch_size=1, max_seq_len=1000).info.max_seq_len == 48
     assert build(path, max_batch_size=1, max_seq_len=None).info.max_seq_len == 48
