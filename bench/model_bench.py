@@ -83,8 +83,9 @@ def prepare(model: str, workdir: Path) -> tuple[str, Path, Path]:
         from llama.serving.assets import default_model_path
 
         gguf = default_model_path()
+        # float32: exactly the values our loader dequantises
         return "SmolLM2-135M (Q4_1 GGUF)", gguf, write_checkpoint(workdir / "smollm2-hf", "hf", source=gguf,
-                                                                   dtype=torch.bfloat16)
+                                                                   dtype=torch.float32)
     if model == "1b":
         hf = write_checkpoint(workdir / "random-1b", "hf", preset="1b", dtype=torch.bfloat16)
         return "random Llama-3.2-1B-shaped", hf, hf
