@@ -12,7 +12,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: install node assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
+.PHONY: install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -49,7 +49,20 @@ lint: install
 kubectl: install
 	@command -v kubectl >/dev/null || test -x $(VENV)/bin/kubectl || $(PY) deploy/fetch_kubectl.py $(VENV)/bin/kubectl
 
-test: install node assets check-protos lint kubectl
+# tests/gateway/test_go_client.py builds the Go example offline against Debian's Go packages. As root on
+# Debian/Ubuntu (CI) they are installed here; elsewhere the test skips and says which packages it needs.
+GO_PACKAGES := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+go-tools:
+	@if which go protoc protoc-gen-go protoc-gen-go-grpc >/dev/null \
+		&& test -f /usr/share/gocode/src/github.com/golang/protobuf/proto/registry.go; then \
+		echo "go-tools: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GO_PACKAGES) >/dev/null \
+		&& echo "go-tools: installed $(GO_PACKAGES)"; \
+	else echo "go-tools: not root or no apt-get; the Go client test will skip (needs $(GO_PACKAGES))"; fi
+
+test: install node go-tools assets check-protos lint kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: install assets

@@ -77,10 +77,11 @@ class Gateway:
             vocab_size=tokenizer_info.vocab_size, max_seq_len=model_info.max_seq_len)
         self.completions.extra_stop_token_ids = agreement.extra_stop_token_ids
         self.tokenizer.forget_token_texts()
+        self.tokenizer.add_bos = tokenizer_info.add_bos_token
         log.info("upstreams agree", tokenizer=tokenizer_info.name, model=model_info.model_name,
                  vocab_size=tokenizer_info.vocab_size, model_vocab_size=model_info.vocab_size,
                  max_seq_len=model_info.max_seq_len, stop_token_ids=list(model_info.stop_token_ids),
-                 extra_stop_token_ids=list(agreement.extra_stop_token_ids))
+                 extra_stop_token_ids=list(agreement.extra_stop_token_ids), add_bos=tokenizer_info.add_bos_token)
         return None
 
     async def startup(self) -> None:

@@ -160,6 +160,7 @@ class TokenizerClient(Upstream):
         super().__init__("tokenizer service", address)
         self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
+        self.add_bos = True  # what the tokenizer's files say (GetTokenizerInfo.add_bos_token), once known
 
     async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
         try:
@@ -168,8 +169,10 @@ class TokenizerClient(Upstream):
             raise self.unavailable(error) from None
 
     async def encode(self, text: str, deadline: Deadline) -> list[int]:
-        """Text completion prompt: BOS first, as the reference's ``text_completion`` does."""
-        reply = await self._call(self.stub.Encode, tokenizer_pb2.EncodeRequest(text=text, add_bos=True), deadline)
+        """Text completion prompt: BOS first, as the reference's ``text_completion`` does, where the
+        model's files ask for it (Llama 3 does; SmolLM2's GGUF says add_bos_token false, as HF does)."""
+        request = tokenizer_pb2.EncodeRequest(text=text, add_bos=self.add_bos)
+        reply = await self._call(self.stub.Encode, request, deadline)
         return list(reply.token_ids)
 
     async def apply_chat_template(self, messages: Sequence[ChatMessage], deadline: Deadline) -> list[int]:

@@ -71,6 +71,7 @@ class Vocabulary:
     meta_chunking: bool = False
     bos_token: str = ""
     eos_token: str = ""
+    add_bos_token: bool = True  # a plain text prompt starts with BOS (text completion)
     extra: dict[str, str] = field(default_factory=dict)  # more template variables (unk_token, ...)
 
     @property

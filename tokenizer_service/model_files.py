@@ -49,6 +49,8 @@ def vocab_from_gguf(path: Path) -> Vocabulary:
         chat_template=meta.get("tokenizer.chat_template"),
         bos_token=tokens[bos] if 0 <= bos < len(tokens) else "",
         eos_token=tokens[eos],
+        # llama.cpp's rule: the file's flag, else only the Llama 3 pre-tokenizer adds BOS.
+        add_bos_token=bos >= 0 and bool(meta.get("tokenizer.ggml.add_bos_token", pre == "llama-bpe")),
     )
 
 
@@ -115,16 +117,32 @@ def vocab_from_hf_dir(directory: Path) -> Vocabulary:
         configured = json.loads(generation_config.read_text()).get("eos_token_id")
         stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
     extra = {key: _token_text(config.get(key)) for key in ("unk_token", "pad_token") if config.get(key)}
+    bos_id = vocab.get(bos_token, -1)
     return Vocabulary(
         name=directory.name,
         pattern=pattern,
         mergeable_ranks=ranks,
         special_tokens=specials,
-        bos_token_id=vocab.get(bos_token, -1),
+        bos_token_id=bos_id,
         eos_token_id=eos,
         stop_token_ids=sorted(stops),
         chat_template=template,
         bos_token=bos_token,
         eos_token=eos_token,
         extra=extra,
+        add_bos_token=bos_id >= 0 and bool(config.get("add_bos_token", _post_processor_adds(spec, bos_id))),
     )
+
+
+def _post_processor_adds(spec: dict[str, Any], token_id: int) -> bool:
+    """Whether tokenizer.json's post-processor puts ``token_id`` in front of a single sequence (Llama 3's
+    TemplateProcessing does; SmolLM2's has none)."""
+    processors = [spec.get("post_processor") or {}]
+    if processors[0].get("type") == "Sequence":
+        processors = processors[0].get("processors", [])
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            first = (processor.get("single") or [{}])[0].get("SpecialToken", {}).get("id")
+            ids = processor.get("special_tokens", {}).get(first, {}).get("ids", [])
+            return ids == [token_id]
+    return False

@@ -159,4 +159,5 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             special_tokens=tokenizer.special_tokens,
             chat_format=tokenizer.chat_format,
             name=tokenizer.name,
+            add_bos_token=tokenizer.add_bos_token,
         )

@@ -104,6 +104,7 @@ class Tokenizer:
         self.name = vocab.name
         self.vocab_size = vocab.vocab_size
         self.bos_token_id = vocab.bos_token_id
+        self.add_bos_token = vocab.add_bos_token
         self.eos_token_id = vocab.eos_token_id
         self.stop_token_ids = list(vocab.stop_token_ids)
         self.special_tokens = dict(vocab.special_tokens)

@@ -172,6 +172,10 @@ def test_stack_on_a_meta_llama3_directory(tmp_path):
             assert list(stub.Tokenize(gateway_pb2.TokenizeRequest(messages=dialog), timeout=30).token_ids) == [
                 128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009,
                 128006, 882, 128007, 271, 2028, 374, 264, 2077, 13, 128009, 128006, 78191, 128007, 271]
+            # A text prompt starts with <|begin_of_text|>, as the reference's text_completion.
+            assert info.tokenizer.add_bos_token
+            assert list(stub.Tokenize(gateway_pb2.TokenizeRequest(text="Hello world"), timeout=30).token_ids) == [
+                128000, 9906, 1917]
             reply = stub.Generate(gateway_pb2.GenerateRequest(
                 messages=dialog, sampling=common_pb2.SamplingParams(temperature=0),
                 stopping=common_pb2.StoppingCriteria(max_new_tokens=8)), timeout=60)

@@ -61,7 +61,9 @@ def test_seeded_text_completion_repeats_and_stream_equals_unary(stack: Stack):
     assert others != {first.text}  # the seed matters
     prompt_ids = stack.stub.Tokenize(gateway_pb2.TokenizeRequest(text="I believe the meaning of life is")).token_ids
     assert first.usage.prompt_tokens == len(prompt_ids)
-    assert prompt_ids[0] == stack.stub.GetInfo(gateway_pb2.GetInfoRequest()).tokenizer.bos_token_id
+    # SmolLM2's GGUF says add_bos_token false, so a text prompt is the text's ids alone (as HF encodes it).
+    assert list(prompt_ids) == stack.tokenizer_stub.Encode(
+        tokenizer_pb2.EncodeRequest(text="I believe the meaning of life is")).token_ids
 
 
 def test_deltas_are_whole_utf8_with_spaces(stack: Stack):
@@ -175,9 +177,10 @@ def test_echo_returns_the_prompt_with_its_logprobs(stack: Stack):
 def test_tokenize_and_info(stack: Stack):
     chat_ids = stack.tokenizer_stub.ApplyChatTemplate(tokenizer_pb2.ApplyChatTemplateRequest(messages=PARIS)).token_ids
     assert stack.stub.Tokenize(gateway_pb2.TokenizeRequest(messages=PARIS)).token_ids == chat_ids
-    encoded = stack.tokenizer_stub.Encode(tokenizer_pb2.EncodeRequest(text="Hello world", add_bos=True)).token_ids
+    encoded = stack.tokenizer_stub.Encode(tokenizer_pb2.EncodeRequest(text="Hello world")).token_ids
     assert stack.stub.Tokenize(gateway_pb2.TokenizeRequest(text="Hello world")).token_ids == encoded
     info = stack.stub.GetInfo(gateway_pb2.GetInfoRequest())
+    assert not info.tokenizer.add_bos_token and info.tokenizer.bos_token_id not in encoded
     assert info.model.vocab_size == info.tokenizer.vocab_size == 49152
     assert list(info.model.stop_token_ids) == list(info.tokenizer.stop_token_ids) == [2]
     assert info.model.max_seq_len == 512 and info.model.max_batch_size == 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Regex, pre_tokenizers
+from tokenizers import Regex, pre_tokenizers, processors
 
 from tests.tokenizer_service.hf_reference import gguf_fields, hf_llama3_split_regex, hf_tokenizer_from_gguf
 from tokenizer_service import Tokenizer, UnsupportedTokenizer, load_tokenizer
@@ -118,10 +118,26 @@ def test_hugging_face_directory(tmp_path: Path, smollm_path: Path, smollm: Token
     tokenizer = load_tokenizer(directory)
     assert (tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id) == (49152, 1, 2)
     assert tokenizer.stop_token_ids == [0, 2]
+    assert not tokenizer.add_bos_token  # no add_bos_token and no post-processor: HF adds nothing either
     for text in CORPUS:
         assert tokenizer.encode(text) == hf.encode(text, add_special_tokens=False).ids, text[:40]
     messages = [("user", "What is 2+2?"), ("assistant", "4"), ("user", "And 3+3?")]
     assert tokenizer.apply_chat_template(messages) == smollm.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("config_flag", [None, True, False])
+def test_bos_follows_the_hugging_face_post_processor(tmp_path: Path, smollm_path: Path, config_flag) -> None:
+    hf = hf_tokenizer_from_gguf.__wrapped__(smollm_path)
+    hf.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    directory = _hf_dir(tmp_path, hf, smollm_path, PRE_TOKENIZERS["digits+bytelevel"]())
+    if config_flag is not None:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": config_flag}))
+    tokenizer = load_tokenizer(directory)
+    hf_adds = hf.encode("Hello world").ids[0] == 1
+    assert hf_adds and tokenizer.add_bos_token == (config_flag is not False)
+    if tokenizer.add_bos_token:
+        assert tokenizer.encode("Hello world", add_bos=True) == hf.encode("Hello world").ids
 
 
 def test_unsupported_pre_tokenizer_is_refused(tmp_path: Path, smollm_path: Path) -> None:

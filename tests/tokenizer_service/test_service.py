@@ -62,10 +62,12 @@ def test_tokenizer_info(llama3_stub: TokenizerServiceStub, smollm_stub: Tokenize
     assert list(info.stop_token_ids) == [128001, 128008, 128009]
     assert info.special_tokens["<|eot_id|>"] == 128009 and len(info.special_tokens) == 256
     assert (info.chat_format, info.name) == ("llama3", "tokenizer.model")
+    assert info.add_bos_token  # the reference's text_completion starts with <|begin_of_text|>
     info = smollm_stub.GetTokenizerInfo(pb.GetTokenizerInfoRequest())
     assert (info.vocab_size, info.bos_token_id, info.eos_token_id, list(info.stop_token_ids)) == (49152, 1, 2, [2])
     assert info.special_tokens["<|im_end|>"] == 2
     assert (info.chat_format, info.name) == ("jinja", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert not info.add_bos_token  # its GGUF: tokenizer.ggml.add_bos_token = false
 
 
 def test_special_text_is_plain_unless_allowed(llama3_stub: TokenizerServiceStub, smollm_stub: TokenizerServiceStub) -> None:

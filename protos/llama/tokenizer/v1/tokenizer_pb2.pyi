@@ -74,7 +74,7 @@ class GetTokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTokenizerInfoResponse(_message.Message):
-    __slots__ = ("vocab_size", "bos_token_id", "eos_token_id", "stop_token_ids", "special_tokens", "chat_format", "name")
+    __slots__ = ("vocab_size", "bos_token_id", "eos_token_id", "stop_token_ids", "special_tokens", "chat_format", "name", "add_bos_token")
     class SpecialTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class GetTokenizerInfoResponse(_message.Message):
     SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    ADD_BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     bos_token_id: int
     eos_token_id: int
@@ -96,4 +97,5 @@ class GetTokenizerInfoResponse(_message.Message):
     special_tokens: _containers.ScalarMap[str, int]
     chat_format: str
     name: str
-    def __init__(self, vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., chat_format: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    add_bos_token: bool
+    def __init__(self, vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., chat_format: _Optional[str] = ..., name: _Optional[str] = ..., add_bos_token: _Optional[bool] = ...) -> None: ...
