@@ -1,9 +1,12 @@
 """One way to run a grpc.aio server: health, reflection, request ids, metrics, errors, SIGTERM.
 
-    server = GrpcServer("tokenizer", args)
-    server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
-               tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
-    sys.exit(asyncio.run(server.run(startup=load)))
+    async def main() -> int:  # the grpc.aio server must be made inside the running event loop
+        server = GrpcServer("tokenizer", args)
+        server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
+                   tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
+        return await server.run(startup=load)
+
+    sys.exit(asyncio.run(main()))
 
 Health is NOT_SERVING until ``startup`` returns and again from the moment SIGTERM arrives; in-flight
 calls then get ``--grace-period`` seconds before they are cancelled, and the process exits 0.
@@ -83,7 +86,7 @@ class _Call:
             self.metrics.requests.labels(self.method, self.code.name).inc()
             self.metrics.latency.labels(self.method).observe(elapsed)
             self.metrics.in_flight.labels(self.method).dec()
-            log.debug("request done", code=self.code.name, seconds=round(elapsed, 4))
+            log.info("request done", code=self.code.name, seconds=round(elapsed, 4))  # the access log
             structlog.contextvars.unbind_contextvars("request_id", "method")
             reset_request_id(self._token)
         return False
