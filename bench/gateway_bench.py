@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.common.v1 import common_pb2  # noqa: E402
 from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from llama.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
-from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc  # noqa: E402
 
 from tests.service_process import ServiceProcess  # noqa: E402
 
@@ -85,15 +84,14 @@ async def level(kind: str, stubs: dict, prompt_ids: dict, concurrency: int, roun
     }
 
 
-async def run(args: argparse.Namespace, tokenizer: str, model: str, gateway: str) -> None:
+async def run(args: argparse.Namespace, model: str, gateway: str) -> None:
     async with grpc.aio.insecure_channel(model) as model_channel, \
-            grpc.aio.insecure_channel(gateway) as gateway_channel, \
-            grpc.aio.insecure_channel(tokenizer) as tokenizer_channel:
+            grpc.aio.insecure_channel(gateway) as gateway_channel:
         stubs = {"model": model_pb2_grpc.ModelServiceStub(model_channel),
                  "gateway": gateway_pb2_grpc.GatewayServiceStub(gateway_channel)}
-        encode = tokenizer_pb2_grpc.TokenizerServiceStub(tokenizer_channel).Encode
-        prompt_ids = {p: list((await encode(tokenizer_pb2.EncodeRequest(text=p, add_bos=True))).token_ids)
-                      for p in PROMPTS}
+        # The very ids the gateway sends upstream for each prompt (BOS or not, as the model's files say).
+        tokenize = stubs["gateway"].Tokenize
+        prompt_ids = {p: list((await tokenize(gateway_pb2.TokenizeRequest(text=p))).token_ids) for p in PROMPTS}
         await level("model", stubs, prompt_ids, 1, 1, 8)  # warm up both paths
         await level("gateway", stubs, prompt_ids, 1, 1, 8)
         print("| concurrency | path | TTFT p50 (ms) | per-stream tokens/s | aggregate tokens/s | tokens |")
@@ -122,7 +120,7 @@ def main() -> None:
         model.wait_healthy(timeout=600)
         gateway = ServiceProcess("gateway", "--tokenizer-address", tokenizer.address,
                                  "--model-address", model.address).wait_healthy()
-        asyncio.run(run(args, tokenizer.address, model.address, gateway.address))
+        asyncio.run(run(args, model.address, gateway.address))
     finally:
         for process in (gateway, model, tokenizer):
             if process is not None:
