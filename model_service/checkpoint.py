@@ -156,24 +156,29 @@ _HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
            "lm_head.weight": "output.weight"}
 
 
+def _rename(name: str, top: dict[str, str], layer_pattern: str, layer: dict[str, str], template: str) -> str:
+    """One tensor name in another format's words: a top-level name by ``top``, a per-layer name
+    (``layer_pattern`` captures the layer index and the part ``layer`` maps) into ``template``;
+    anything else unchanged (the loader then reports it as unexpected)."""
+    if name in top:
+        return top[name]
+    match = re.fullmatch(layer_pattern, name)
+    if match and match.group(2) in layer:
+        return template.format(match.group(1), layer[match.group(2)])
+    return name
+
+
+_META_TOP_TO_HF = {meta: hf for hf, meta in _HF_TOP.items()}
+_META_LAYER_TO_HF = {meta: hf for hf, meta in _HF_LAYER.items()}
+
+
 def hf_to_meta_name(hf_name: str) -> str:
-    if hf_name in _HF_TOP:
-        return _HF_TOP[hf_name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
-    if match and match.group(2) in _HF_LAYER:
-        return f"layers.{match.group(1)}.{_HF_LAYER[match.group(2)]}.weight"
-    return hf_name  # unknown: reported by the loader as an unexpected tensor
+    return _rename(hf_name, _HF_TOP, r"model\.layers\.(\d+)\.(.+)\.weight", _HF_LAYER, "layers.{}.{}.weight")
 
 
 def meta_to_hf_name(name: str) -> str:
-    for hf, meta in _HF_TOP.items():
-        if name == meta:
-            return hf
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-    inverse = {meta: hf for hf, meta in _HF_LAYER.items()}
-    if match and match.group(2) in inverse:
-        return f"model.layers.{match.group(1)}.{inverse[match.group(2)]}.weight"
-    return name
+    return _rename(name, _META_TOP_TO_HF, r"layers\.(\d+)\.(.+)\.weight", _META_LAYER_TO_HF,
+                   "model.layers.{}.{}.weight")
 
 
 def hf_unpermute(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -259,12 +264,7 @@ _GGUF_SKIP_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenize
 
 
 def gguf_to_meta_name(gguf_name: str) -> str:
-    if gguf_name in _GGUF_TOP:
-        return _GGUF_TOP[gguf_name]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if match and match.group(2) in _GGUF_LAYER:
-        return f"layers.{match.group(1)}.{_GGUF_LAYER[match.group(2)]}.weight"
-    return gguf_name
+    return _rename(gguf_name, _GGUF_TOP, r"blk\.(\d+)\.(\w+)\.weight", _GGUF_LAYER, "layers.{}.{}.weight")
 
 
 class GGUFReader(CheckpointReader):
