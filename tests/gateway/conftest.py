@@ -94,6 +94,14 @@ class Stack:
         raise AssertionError(f"model still busy after {timeout}s:\n" + "\n".join(
             line for line in self.model.metrics_text().splitlines() if "running" in line or "slots" in line))
 
+    def model_finished(self, request_id: str, timeout: float = 10.0) -> list[dict]:
+        """The model service's own 'generation finished' log lines for ``request_id`` (waits for one)."""
+        deadline = time.monotonic() + timeout
+        while not (finished := [e for e in self.model.log_events() if e.get("request_id") == request_id
+                                and e.get("event") == "generation finished"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return finished
+
     def close(self) -> None:
         self.channel.close()
         self.tokenizer_channel.close()

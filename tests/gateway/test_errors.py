@@ -126,10 +126,7 @@ def test_caller_cancel_cancels_the_model_stream(stack: Stack):
     next(call), next(call)
     call.cancel()
     stack.wait_model_idle()
-    deadline = time.monotonic() + 10
-    while not (finished := [e for e in stack.model.log_events() if e.get("request_id") == request_id
-                            and e.get("event") == "generation finished"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    finished = stack.model_finished(request_id)
     assert finished and finished[0]["finish_reason"] == "cancelled", finished
     assert finished[0]["generated_tokens"] < 400
 

@@ -128,10 +128,7 @@ def test_stop_sequence_cancels_the_model_stream(stack: Stack):
     stack.wait_model_idle()
     # The model service's own account of this request: cancelled, soon after the stop sequence
     # (not run on to max_new_tokens).
-    deadline = time.monotonic() + 10
-    while not (finished := [e for e in stack.model.log_events() if e.get("request_id") == request_id
-                            and e.get("event") == "generation finished"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    finished = stack.model_finished(request_id)
     assert finished and finished[0]["finish_reason"] == "cancelled", finished
     assert finished[0]["generated_tokens"] < result.usage.generated_tokens + 20
 
