@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat = commands.add_parser("chat", parents=[common], help="chat completion (the model's chat format)")
     chat.add_argument("message", nargs="?", help="the user message (omit for an interactive session)")
     chat.add_argument("--system", help="system prompt")
-    complete = commands.add_parser("complete", parents=[common], help="text completion (BOS first where the model adds one, as Llama 3 does)")
+    complete = commands.add_parser("complete", parents=[common],
+                                   help="text completion (BOS first where the model adds one, as Llama 3 does)")
     complete.add_argument("prompt", help="text to continue")
     return parser.parse_args(argv)
 
