@@ -20,7 +20,13 @@ from typing import Protocol
 
 import structlog
 import torch
-from llama.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from llama.serving.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from prometheus_client import Counter, Gauge, Histogram
 
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams, SamplingRow, new_generator, sample, token_logprobs
@@ -417,14 +423,7 @@ class Engine:
         self._refresh_gauges()
         if work:
             started = time.perf_counter()
-            try:
-                self._forward_and_sample(work)
-            except Exception as exc:
-                if self.runner.fatal_errors:
-                    raise
-                log.exception("engine step failed", sequences=len(work))
-                for item in work:
-                    self._finish(item.seq, None, error=RuntimeError(f"engine step failed: {exc!r}"))
+            self._execute(work)
             self.steps += 1
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.metrics.step_tokens.observe(sum(item.length for item in work))
@@ -467,30 +466,62 @@ class Engine:
             lengths=[item.length for item in work],
         )
 
-    def _forward_and_sample(self, work: list[Work]) -> None:
+    def _execute(self, work: list[Work]) -> None:
+        """One forward over ``work``, then its tokens. A failure stays with the sequence that caused it.
+
+        A failed forward is retried one sequence at a time (it wrote only the positions the retry
+        writes again), so the sequences that did not cause it get the logits they would get alone.
+        Under tensor parallelism a failed forward leaves the ranks out of step: that is fatal.
+        Everything after the forward (echo logprobs, sampling) runs on this rank only and is
+        confined per sequence.
+        """
         echoing = [item.seq.want_prompt_logprobs and item.seq.prefilling for item in work]
-        all_logits = any(echoing)
-        logits = self.runner.forward(self._batch(work), all_logits)  # [n_seqs or n_tokens, vocab]
-        if all_logits:
-            offsets, ends = [], []
-            offset = 0
-            for item in work:
-                offsets.append(offset)
-                offset += item.length
-                ends.append(offset - 1)
-            for item, offset, echo in zip(work, offsets, echoing, strict=True):
+        try:
+            logits = self.runner.forward(self._batch(work), any(echoing))  # [n_seqs or n_tokens, vocab]
+        except Exception as exc:
+            if self.runner.fatal_errors:
+                raise
+            if len(work) > 1:
+                log.warning("engine step failed; retrying its sequences one at a time",
+                            error=repr(exc), sequences=len(work))
+                for item in work:
+                    self._execute([item])
+                return
+            log.exception("engine step failed for one sequence", request_id=work[0].seq.request.request_id)
+            self._finish(work[0].seq, None, error=ServiceError("the model failed on this request; "
+                                                               "details are in the model service log"))
+            return
+        if any(echoing):
+            rows, offset = [], 0
+            for item, echo in zip(work, echoing, strict=True):
                 if echo:
-                    self._prompt_logprobs(item, logits[offset:offset + item.length])
-            logits = logits[torch.tensor(ends, device=logits.device)]  # [n_seqs, vocab]
+                    self._guarded(item.seq, self._prompt_logprobs, item, logits[offset:offset + item.length])
+                offset += item.length
+                rows.append(offset - 1)
+            logits = logits[torch.tensor(rows, device=logits.device)]  # [n_seqs, vocab]
         Scheduler.advance(work)
-        completing = [(i, item.seq) for i, item in enumerate(work) if item.completes]
+        completing = [(i, item.seq) for i, item in enumerate(work) if item.completes and not item.seq.finished]
         if not completing:
             return
         rows = torch.tensor([i for i, _ in completing], device=logits.device)
         sampled = sample(logits[rows], [seq.row for _, seq in completing])
         now = time.perf_counter()
         for (_, seq), choice in zip(completing, sampled, strict=True):
-            self._accept(seq, choice.token_id, choice.logprob, choice.top_logprobs, now)
+            if choice.error is not None:
+                log.error("sequence failed", request_id=seq.request.request_id, error=choice.error)
+                self._finish(seq, None, error=ServiceError(choice.error))
+            else:
+                self._guarded(seq, self._accept, seq, choice.token_id, choice.logprob, choice.top_logprobs, now)
+
+    def _guarded(self, seq: _Seq, fn: Callable[..., None], *args: object) -> None:
+        """Run ``fn`` for one sequence; if it raises, that sequence alone ends with an error."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("sequence failed", request_id=seq.request.request_id)
+            if not seq.finished:
+                self._finish(seq, None, error=ServiceError("generation failed for this request; "
+                                                           "details are in the model service log"))
 
     def _prompt_logprobs(self, item: Work, logits: torch.Tensor) -> None:
         """logits: [length, vocab] for positions start.. of a prompt chunk, each predicting the next token."""

@@ -22,12 +22,21 @@ import math
 import secrets
 from dataclasses import dataclass
 
+import structlog
 import torch
 from llama.serving.errors import InvalidArgument
+
+log = structlog.get_logger()
 
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 MAX_TOP_LOGPROBS = 20
+# Below this a temperature is sampled as if it were this (vLLM clamps the same way): dividing logits by
+# 1e-38 overflows float32 to inf, and the softmax of a row with inf is NaN. At 0.01 the distribution is
+# already one-hot for any realistic gap between the two best logits.
+MIN_TEMPERATURE = 1e-2
+# Dividing or multiplying logits by the penalty: within these bounds a float32 logit cannot overflow.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,10 @@ class SamplingParams:
             raise InvalidArgument("sampling.top_p", f"must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument("sampling.top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:  # also refuses NaN
             raise InvalidArgument("sampling.repetition_penalty",
-                                  f"must be a finite number > 0 (1 turns it off), got {self.repetition_penalty}")
+                                  f"must lie in [{low:g}, {high:g}] (1 turns it off), got {self.repetition_penalty}")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             raise InvalidArgument("sampling.seed", f"must fit in 64 unsigned bits, got {self.seed}")
 
@@ -79,6 +89,7 @@ class Sampled:
     token_id: int
     logprob: float | None  # of token_id under the model, when asked
     top_logprobs: list[tuple[int, float]]  # (token id, logprob), most likely first
+    error: str | None = None  # this row could not be sampled; the other rows are unaffected
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -93,17 +104,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 NUCLEUS_PREFIX = 1024  # first guess at how many of the most likely tokens hold the top_p mass
 
 
-def _filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor,
                     top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tempered softmax, then top-k, then the reference's top-p, each row with its own parameters.
+    """Softmax of tempered logits, then top-k, then the reference's top-p, each row with its own parameters.
 
-    logits: [m, vocab]; temperature, top_p: [m, 1] float; top_k: [m, 1] long (vocab where off).
+    tempered: [m, vocab] logits / temperature; top_p: [m, 1] float; top_k: [m, 1] long (vocab where off).
     Returns (weights [m, width], token ids [m, width]): most likely first, dropped tokens at 0,
     not renormalised (the draw scales by the row's total instead). Columns past ``width`` would all
     be dropped. Computed with cumulative sums only, so a row's weights do not depend on ``width``
     (which other rows in the batch can change).
     """
-    probs = torch.softmax(logits / temperature, dim=-1)  # [m, vocab]
+    probs = torch.softmax(tempered, dim=-1)  # [m, vocab]
     vocab = probs.shape[-1]
     with_top_k = top_k < vocab  # [m, 1]
     width = min(vocab, max(NUCLEUS_PREFIX, int(top_k.masked_fill(~with_top_k, 0).max())))
@@ -126,9 +137,8 @@ def _filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
         width = min(vocab, width * 4)
 
 
-def _draw(weights: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Inverse-CDF draw of one column per row. weights: [m, width] >= 0 -> [m] column indices."""
-    uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # [m]
+def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one column per row. weights: [m, width] >= 0; uniforms: [m] -> [m] column indices."""
     cdf = torch.cumsum(weights, dim=-1)  # [m, width]
     targets = (uniforms.to(weights.device, cdf.dtype) * cdf[:, -1])[:, None]
     choice = torch.searchsorted(cdf, targets, right=True).squeeze(-1)  # first column whose cdf exceeds
@@ -137,7 +147,29 @@ def _draw(weights: torch.Tensor, generators: list[torch.Generator]) -> torch.Ten
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled]:
-    """The next token of each row. logits: [n, vocab] float32, one row per entry of ``rows``."""
+    """The next token of each row. logits: [n, vocab] float32, one row per entry of ``rows``.
+
+    Rows are independent: a row whose logits are not finite, or whose sampling raises, comes back
+    with ``error`` set, and every other row gets exactly the token it would get alone (its uniform
+    number is drawn before anything can fail, so the row-by-row retry draws the same one).
+    """
+    uniforms = [None if row.params.greedy else torch.rand(1, generator=row.generator, dtype=torch.float64)
+                for row in rows]
+    try:
+        return _sample(logits, rows, uniforms)
+    except Exception as exc:  # noqa: BLE001 -- confined below to the row(s) that raise
+        log.warning("batched sampling failed; sampling row by row", error=repr(exc), rows=len(rows))
+    results = []
+    for i, row in enumerate(rows):
+        try:
+            results += _sample(logits[i:i + 1], [row], uniforms[i:i + 1])
+        except Exception as exc:  # noqa: BLE001 -- this row alone fails
+            log.exception("sampling failed for one sequence")
+            results.append(Sampled(0, None, [], error=f"sampling failed ({type(exc).__name__})"))
+    return results
+
+
+def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.Tensor | None]) -> list[Sampled]:
     n, vocab = logits.shape
     device = logits.device
     logits = logits.float()
@@ -151,6 +183,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled]:
         seen = torch.stack([rows[i].seen for i in penalised])
         logits[penalised] = apply_repetition_penalty(logits[penalised], seen, penalty)
 
+    finite = torch.isfinite(logits).all(dim=-1)  # [n]
     next_ids = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
     if greedy:
@@ -158,15 +191,20 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled]:
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
     if drawn:
         params = [rows[i].params for i in drawn]
-        temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+        temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)[:, None]
         top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=device)[:, None]
-        weights, token_ids = _filtered_probs(logits[drawn], temperature, top_k, top_p)
-        # One uniform per row from the row's own generator: what makes a seed batch-independent.
-        choices = _draw(weights, [rows[i].generator for i in drawn])  # [m]
+        top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)[:, None]
+        tempered = logits[drawn] / temperature  # [m, vocab]
+        tempered_ok = torch.isfinite(tempered).all(dim=-1)  # [m]
+        finite[drawn] &= tempered_ok
+        # A bad row is sampled from zeros (harmlessly) and its result thrown away below.
+        tempered = torch.where(tempered_ok[:, None], tempered, 0.0)
+        weights, token_ids = _filtered_probs(tempered, top_k, top_p)
+        choices = _draw(weights, torch.cat([uniforms[i] for i in drawn]))  # [m]
         next_ids[drawn] = token_ids.gather(-1, choices[:, None]).squeeze(-1)
 
     token_ids = next_ids.tolist()
+    ok = finite.tolist()
     chosen: dict[int, float] = {}
     alternatives: dict[int, list[tuple[int, float]]] = {}
     if model_logprobs is not None:
@@ -180,8 +218,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled]:
                 alternatives[i] = list(zip(ids, lps, strict=True))[: rows[i].top_logprobs]
     return [
         Sampled(token_id, chosen.get(i) if rows[i].logprobs else None, alternatives.get(i, []))
+        if ok[i] else Sampled(0, None, [], error=NON_FINITE)
         for i, token_id in enumerate(token_ids)
     ]
+
+
+NON_FINITE = "the model's scores for this request's next token are not finite numbers"
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,

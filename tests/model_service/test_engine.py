@@ -27,6 +27,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
+    return tiny_model()
+
+
+def tiny_model() -> Transformer:
     distributed.ensure_initialized()
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
                      max_seq_len=MAX_SEQ_LEN)

@@ -36,7 +36,7 @@ def meta_distribution(logits: torch.Tensor, temperature: float, p: float) -> dic
 
 
 def our_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> dict[int, float]:
-    weights, ids = _filtered_probs(logits[None], torch.tensor([[temperature]]), torch.tensor([[top_k or VOCAB]]),
+    weights, ids = _filtered_probs(logits[None] / temperature, torch.tensor([[top_k or VOCAB]]),
                                    torch.tensor([[top_p]]))
     total = weights.sum()
     return {int(t): float(w / total) for t, w in zip(ids[0], weights[0], strict=True) if w > 0}

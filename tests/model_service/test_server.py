@@ -323,8 +323,8 @@ def test_queue_overflow_is_resource_exhausted_and_sigterm_drains(tiny_checkpoint
                         reply = await health.Check(health_pb2.HealthCheckRequest())
                         if reply.status != health_pb2.HealthCheckResponse.SERVING:
                             break
-                    except grpc.aio.AioRpcError as error:
-                        assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    except grpc.aio.AioRpcError as error:  # the server stopped taking calls mid-check
+                        assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
                         break
                     await asyncio.sleep(0.02)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
