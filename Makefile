@@ -28,7 +28,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 assets: install
-	$(PY) -m llama.serving.assets
+	$(PY) -m llama_grpc_runtime.assets
 
 protos: install
 	$(PY) protos/generate.py

@@ -29,10 +29,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama.common.v1 import common_pb2  # noqa: E402
-from llama.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
 from tests.service_process import ServiceProcess  # noqa: E402
 
 QUESTIONS = [

@@ -80,7 +80,7 @@ def hf_decode_rate(path: Path, dtype: str, batch: int, steps: int) -> float:
 def prepare(model: str, workdir: Path) -> tuple[str, Path, Path]:
     """(label, our checkpoint, HF safetensors of the same weights)."""
     if model == "smollm2":
-        from llama.serving.assets import default_model_path
+        from llama_grpc_runtime.assets import default_model_path
 
         gguf = default_model_path()
         # float32: exactly the values our loader dequantises

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_service import Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def main() -> None:
     args = flags.parse_args()
 
     if args.tokenizer is None:
-        from llama.serving.assets import llama3_tokenizer_path
+        from llama_grpc_runtime.assets import llama3_tokenizer_path
 
         args.tokenizer = str(llama3_tokenizer_path())
     tokenizer = load_tokenizer(args.tokenizer)

@@ -14,8 +14,9 @@ import os
 import sys
 
 import grpc
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 PROMPTS: list[str] = [
     # For these prompts, the expected answer is the natural continuation of the prompt

@@ -14,10 +14,11 @@ import sys
 import time
 
 import structlog
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from llama.serving.flags import server_parser
-from llama.serving.logs import configure_logging
-from llama.serving.server import GrpcServer
+
+from llama_grpc_runtime.flags import server_parser
+from llama_grpc_runtime.logs import configure_logging
+from llama_grpc_runtime.server import GrpcServer
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from . import metrics
 from .agreement import check_agreement

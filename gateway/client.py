@@ -21,8 +21,9 @@ from collections.abc import Iterator
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

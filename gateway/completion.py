@@ -21,9 +21,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import structlog
-from llama.common.v1 import common_pb2
-from llama.serving.context import current_request_id
-from llama.serving.errors import Unavailable
+
+from llama_grpc_runtime.context import current_request_id
+from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_stubs.common.v1 import common_pb2
 
 from . import metrics
 from .request import CompletionRequest, Limits, validate, validate_prompt_length

@@ -1,9 +1,10 @@
-"""Gateway metrics beyond the request counters every server has (llama.serving.metrics)."""
+"""Gateway metrics beyond the request counters every server has (llama_grpc_runtime.metrics)."""
 
 from __future__ import annotations
 
-from llama.serving.metrics import LATENCY_BUCKETS
 from prometheus_client import Counter, Gauge, Histogram
+
+from llama_grpc_runtime.metrics import LATENCY_BUCKETS
 
 UPSTREAM_UP = Gauge("llama_gateway_upstream_up", "1 while the upstream service answers its health check SERVING",
                     ["upstream"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llama.serving.errors import InvalidArgument
+from llama_grpc_runtime.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 MAX_TOP_LOGPROBS = 20

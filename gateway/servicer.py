@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from llama.serving.errors import Unavailable
+
+from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .completion import Chunk, Completions
 from .request import ChatMessage, CompletionRequest, Output, Sampling, Stopping, validate_input

@@ -24,12 +24,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llama.common.v1 import common_pb2
-from llama.model.v1 import model_pb2, model_pb2_grpc
-from llama.serving.context import outgoing_metadata
-from llama.serving.errors import Unavailable
-from llama.serving.server import MAX_MESSAGE_BYTES
-from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from llama_grpc_runtime.context import outgoing_metadata
+from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_runtime.server import MAX_MESSAGE_BYTES
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .request import ChatMessage, CompletionRequest
 

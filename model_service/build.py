@@ -138,7 +138,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     torch.manual_seed(seed)  # the same on every rank, so ranks sample identically
 
     if checkpoint is None:
-        from llama.serving.assets import default_model_path
+        from llama_grpc_runtime.assets import default_model_path
 
         checkpoint = default_model_path()
     reader = open_checkpoint(checkpoint)

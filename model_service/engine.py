@@ -20,14 +20,15 @@ from typing import Protocol
 
 import structlog
 import torch
-from llama.serving.errors import (
+from prometheus_client import Counter, Gauge, Histogram
+
+from llama_grpc_runtime.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
     Unavailable,
 )
-from prometheus_client import Counter, Gauge, Histogram
 
 from .sampling import MAX_TOP_LOGPROBS, SamplingParams, SamplingRow, new_generator, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, Work

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import structlog
 import torch
-from llama.serving.errors import InvalidArgument
+
+from llama_grpc_runtime.errors import InvalidArgument
 
 log = structlog.get_logger()
 

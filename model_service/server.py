@@ -19,13 +19,14 @@ from typing import Any
 import grpc
 import structlog
 import torch
-from llama.common.v1 import common_pb2
-from llama.model.v1 import model_pb2, model_pb2_grpc
-from llama.serving.context import REQUEST_ID_HEADER, current_request_id
-from llama.serving.errors import Unavailable
-from llama.serving.flags import server_parser
-from llama.serving.logs import configure_logging
-from llama.serving.server import GrpcServer
+
+from llama_grpc_runtime.context import REQUEST_ID_HEADER, current_request_id
+from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_runtime.flags import server_parser
+from llama_grpc_runtime.logs import configure_logging
+from llama_grpc_runtime.server import GrpcServer
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
 from .engine import Engine, FinishReason, GenerationChunk, GenerationRequest, LocalRunner, TokenAlternatives
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams

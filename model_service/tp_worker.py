@@ -111,7 +111,7 @@ def _threads_per_rank(world_size: int) -> int:
 def worker_main(rank: int, world_size: int, init_method: str, options: LoadOptions) -> None:
     """A rank other than 0: load its shard, then run whatever forward rank 0 broadcasts, until STOP."""
     _die_with_parent()  # SIGTERM keeps its default action: it ends the process even inside a collective
-    from llama.serving.logs import configure_logging
+    from llama_grpc_runtime.logs import configure_logging
 
     from .distributed import init_distributed, rank_device, shutdown
 

@@ -7,10 +7,11 @@ import os
 import sys
 
 import structlog
-from llama.serving.flags import ServerArgumentParser, server_parser
-from llama.serving.logs import configure_logging
-from llama.serving.server import GrpcServer
-from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+from llama_grpc_runtime.flags import ServerArgumentParser, server_parser
+from llama_grpc_runtime.logs import configure_logging
+from llama_grpc_runtime.server import GrpcServer
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .servicer import TokenizerServicer
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from llama.serving.errors import InvalidArgument
+
+from llama_grpc_runtime.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from .byte_level import Vocabulary

@@ -11,7 +11,7 @@ import binascii
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama.serving.errors import InvalidArgument
+from llama_grpc_runtime.errors import InvalidArgument
 
 from .byte_level import LLAMA3_PATTERN, UnsupportedTokenizer, Vocabulary
 

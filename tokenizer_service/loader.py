@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from llama.serving.assets import default_model_path
+from llama_grpc_runtime.assets import default_model_path
 
 from .byte_level import UnsupportedTokenizer
 from .llama3 import vocab_from_tiktoken_model

@@ -14,9 +14,10 @@ from functools import cache
 from typing import Any, TypeVar
 
 import grpc
-from llama.serving.errors import InvalidArgument, Unavailable
-from llama.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from prometheus_client import Counter
+
+from llama_grpc_runtime.errors import InvalidArgument, Unavailable
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .loader import load_tokenizer
 from .tokenizer import Tokenizer

@@ -15,7 +15,8 @@ from typing import Any
 
 import regex
 import tiktoken
-from llama.serving.errors import FailedPrecondition, InvalidArgument
+
+from llama_grpc_runtime.errors import FailedPrecondition, InvalidArgument
 
 from .byte_level import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, Vocabulary
 from .chat_template import JinjaChatFormat

@@ -95,7 +95,7 @@ def test_compose_config_bites_on_a_broken_override(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
-    ('      test: ["CMD", "python", "-m", "llama.serving.healthcheck", "--service", "model"]',
+    ('      test: ["CMD", "python", "-m", "llama_grpc_runtime.healthcheck", "--service", "model"]',
      '      test: ["CMD", "true"]', "model: healthcheck"),
     ("        condition: service_healthy\n      model:", "        condition: service_started\n      model:",
      "not healthy"),

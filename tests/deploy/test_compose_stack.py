@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.deploy.tools import REPO, compose_config
 from tests.service_process import free_port
 

@@ -99,7 +99,7 @@ def install_problems(path: Path, makefile: Path, pyproject: Path) -> list[str]:
               if keyword == "COPY" and not rest.startswith("--from")}
     config = tomllib.loads(pyproject.read_text())
     needed = {pattern.rstrip("*") for pattern in config["tool"]["setuptools"]["packages"]["find"]["include"]}
-    needed = {"protos" if name == "llama" else name for name in needed} | {"pyproject.toml", config["project"]["readme"]}
+    needed = {"protos" if (REPO / "protos" / name).is_dir() else name for name in needed} | {"pyproject.toml", config["project"]["readme"]}
     if missing := needed - copied:
         problems.append(f"{path.name}: `pip install .` needs {sorted(missing)}, which are not copied")
     return problems
@@ -156,7 +156,7 @@ def target_problems(path: Path, target: str | None, server: str) -> list[str]:
         problems.append(f"{where}: no VOLUME /models for the weights")
     checked = "gateway" if server == "stack" else server
     healthcheck = last.get("HEALTHCHECK", "")
-    if f'CMD ["python", "-m", "llama.serving.healthcheck", "--service", "{checked}"]' not in healthcheck:
+    if f'CMD ["python", "-m", "llama_grpc_runtime.healthcheck", "--service", "{checked}"]' not in healthcheck:
         problems.append(f"{where}: HEALTHCHECK `{healthcheck}` is not the gRPC health check of {checked}")
     module = "gateway.stack" if server == "stack" else SERVICES[server]
     if not last.get("CMD", "").startswith(f'["python", "-m", "{module}"'):
@@ -175,13 +175,13 @@ def test_target_is_non_root_with_a_grpc_health_check(file: str, target: str | No
 def test_demo_bakes_the_embedded_model_and_other_targets_bake_no_weights() -> None:
     stages = dockerfile_stages(DOCKER / "Dockerfile")
     runs = {name: [rest for keyword, rest in stage if keyword == "RUN"] for name, stage in stages.items()}
-    assert any("python -m llama.serving.assets" in command for command in runs["demo"])
+    assert any("python -m llama_grpc_runtime.assets" in command for command in runs["demo"])
     env = " ".join(rest for keyword, rest in stages["demo"] if keyword == "ENV")
     assert "LLAMA_GRPC_CACHE=/opt/llama-grpc/assets" in env
     for name in ("tokenizer", "gateway", "model-cpu"):
-        assert not any("llama.serving.assets" in command for command in runs[name]), name
+        assert not any("llama_grpc_runtime.assets" in command for command in runs[name]), name
     cuda = " ".join(rest for keyword, rest in dockerfile_instructions(DOCKER / "Dockerfile.cuda"))
-    assert "llama.serving.assets" not in cuda
+    assert "llama_grpc_runtime.assets" not in cuda
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [

@@ -1,4 +1,4 @@
-"""The container health check (`python -m llama.serving.healthcheck`) against a real gRPC health server."""
+"""The container health check (`python -m llama_grpc_runtime.healthcheck`) against a real gRPC health server."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def health_server() -> Iterator[HealthServer]:
 
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
-    return subprocess.run([sys.executable, "-m", "llama.serving.healthcheck", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "llama_grpc_runtime.healthcheck", *args], cwd=REPO,
                           env={**clean, **(env or {})}, capture_output=True, text=True, timeout=60)
 
 

@@ -100,7 +100,7 @@ def _probe_problems(where: str, kind: str, probe: dict[str, Any] | None, service
         return []
     # An exec probe (TLS) runs the image's health check, which finds the port in LLAMA_<SERVICE>_PORT.
     command = probe.get("exec", {}).get("command", [])
-    if command[:5] != ["python", "-m", "llama.serving.healthcheck", "--service", service]:
+    if command[:5] != ["python", "-m", "llama_grpc_runtime.healthcheck", "--service", service]:
         return [f"{where}: {kind} is neither a grpc probe nor the image's health check of {service}: {probe}"]
     if kind == "readinessProbe" and "--alive" in command:
         return [f"{where}: readiness accepts NOT_SERVING (--alive): calls would reach a server that refuses them"]
@@ -108,9 +108,9 @@ def _probe_problems(where: str, kind: str, probe: dict[str, Any] | None, service
 
 
 def _grpc_service_names() -> set[str]:
-    from llama.gateway.v1 import gateway_pb2
-    from llama.model.v1 import model_pb2
-    from llama.tokenizer.v1 import tokenizer_pb2
+    from llama_grpc_stubs.gateway.v1 import gateway_pb2
+    from llama_grpc_stubs.model.v1 import model_pb2
+    from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2
     return {service.full_name for module in (tokenizer_pb2, model_pb2, gateway_pb2)
             for service in module.DESCRIPTOR.services_by_name.values()}
 
@@ -258,7 +258,7 @@ def service_env_variables() -> dict[str, tuple[str, ...] | None]:
             if match := re.search(r"\[env: (LLAMA_[A-Z0-9_]+)\]", line):
                 choices = re.match(r"\s*--[\w-]+ \{([^}]*)\}", line)
                 variables[match.group(1)] = tuple(choices.group(1).split(",")) if choices else None
-    from llama.serving import healthcheck  # the health check reads a few of its own
+    from llama_grpc_runtime import healthcheck  # the health check reads a few of its own
     variables |= dict.fromkeys(re.findall(r"LLAMA_HEALTHCHECK_[A-Z_]+", Path(healthcheck.__file__).read_text()))
     return variables
 
@@ -307,7 +307,7 @@ def compose_problems(config: dict[str, Any]) -> list[str]:
         env = service.get("environment", {})
         prefix = f"LLAMA_{name.upper()}"
         test = service.get("healthcheck", {}).get("test", [])
-        if test[:5] != ["CMD", "python", "-m", "llama.serving.healthcheck", "--service"] or test[5:6] != [name]:
+        if test[:5] != ["CMD", "python", "-m", "llama_grpc_runtime.healthcheck", "--service"] or test[5:6] != [name]:
             problems.append(f"{name}: healthcheck {test} does not check this service over gRPC health")
         grace = float(env.get(f"{prefix}_GRACE_PERIOD", 30))
         if _seconds(service.get("stop_grace_period", "10s")) < grace:

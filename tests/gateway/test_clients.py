@@ -12,9 +12,9 @@ import time
 
 import grpc
 import pytest
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.service_process import REPO
 
 from .conftest import Stack
@@ -149,8 +149,7 @@ def test_stack_serves_and_stops_cleanly_on_ctrl_c():
 
 def test_stack_on_a_meta_llama3_directory(tmp_path):
     """--checkpoint points all three at a Meta-format directory: Llama 3 tokenizer, chat format, stops."""
-    from llama.serving.assets import llama3_tokenizer_path
-
+    from llama_grpc_runtime.assets import llama3_tokenizer_path
     from model_service.args import ModelArgs
     from model_service.make_checkpoint import write_checkpoint
 

@@ -14,8 +14,9 @@ import uuid
 
 import grpc
 import pytest
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2
+
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2
 
 from .conftest import GREEDY, PARIS, Stack
 

@@ -10,9 +10,10 @@ import time
 import uuid
 
 import pytest
-from llama.common.v1 import common_pb2
-from llama.gateway.v1 import gateway_pb2
-from llama.tokenizer.v1 import tokenizer_pb2
+
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2
 
 from .conftest import GREEDY, PARIS, Stack, joined
 

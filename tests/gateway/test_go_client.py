@@ -30,7 +30,7 @@ def test_go_client_streams_an_answer(stack: Stack, tmp_path: Path):
     shutil.copytree(REPO / "examples/go", source,
                     ignore=lambda folder, names: [n for n in names if Path(folder, n) in built])
     protos = source / "protos"
-    shutil.copytree(REPO / "protos/llama", protos / "llama", ignore=shutil.ignore_patterns("*.py", "*.pyi"))
+    shutil.copytree(REPO / "protos/llama", protos / "llama")
     script = (source / "generate.sh").read_text().replace("../../protos", str(protos))
     (source / "generate.sh").write_text(script)
     subprocess.run(["bash", "generate.sh"], cwd=source, check=True, capture_output=True, timeout=60)

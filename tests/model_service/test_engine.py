@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 import torch
-from llama.serving.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from prometheus_client import REGISTRY
 
+from llama_grpc_runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from model_service import distributed
 from model_service.args import ModelArgs
 from model_service.engine import Engine, FinishReason, GenerationRequest, LocalRunner

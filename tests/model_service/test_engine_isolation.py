@@ -12,8 +12,8 @@ import asyncio
 
 import pytest
 import torch
-from llama.serving.errors import ServiceError
 
+from llama_grpc_runtime.errors import ServiceError
 from model_service import sampling
 from model_service.engine import FinishReason, GenerationRequest, LocalRunner
 from model_service.sampling import SamplingParams
@@ -146,7 +146,7 @@ def test_extreme_but_valid_parameters_answer_normally(model, extreme):
     ("sampling.top_p", SamplingParams(top_p=0.0)),
 ])
 def test_parameters_that_could_overflow_are_refused_naming_the_field(field, params):
-    from llama.serving.errors import InvalidArgument
+    from llama_grpc_runtime.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
         GenerationRequest([1, 2, 3], params).validate(VOCAB, 96)

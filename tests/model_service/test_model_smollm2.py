@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llama.serving.assets import default_model_path
 
+from llama_grpc_runtime.assets import default_model_path
 from model_service.build import build
 from model_service.model import Batch
 

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from llama.serving.errors import InvalidArgument
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
+from llama_grpc_runtime.errors import InvalidArgument
 from model_service.sampling import (
     NUCLEUS_PREFIX,
     SamplingParams,

@@ -16,10 +16,10 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llama.common.v1 import common_pb2
-from llama.model.v1 import model_pb2, model_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
 from model_service.model import Batch
 from tests.service_process import ServiceProcess
@@ -344,8 +344,8 @@ def test_a_dropped_connection_frees_its_slot(server):
     """The client process dies mid-stream (no cancel sent): the server notices the connection go."""
     client = f"""
 import os, grpc
-from llama.model.v1 import model_pb2, model_pb2_grpc
-from llama.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
+from llama_grpc_stubs.common.v1 import common_pb2
 stub = model_pb2_grpc.ModelServiceStub(grpc.insecure_channel("{server.address}"))
 stream = stub.Generate(model_pb2.GenerateRequest(prompt_token_ids={LONG_PROMPT},
     sampling=common_pb2.SamplingParams(temperature=0), stopping=common_pb2.StoppingCriteria(max_new_tokens=600)))

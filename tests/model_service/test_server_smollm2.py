@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from llama.common.v1 import common_pb2
-from llama.serving.assets import default_model_path
 
+from llama_grpc_runtime.assets import default_model_path
+from llama_grpc_stubs.common.v1 import common_pb2
 from tests.model_service.test_server import generate, greedy, request
 from tests.service_process import ServiceProcess
 

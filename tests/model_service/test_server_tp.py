@@ -9,8 +9,8 @@ import subprocess
 
 import grpc
 import pytest
-from llama.model.v1 import model_pb2, model_pb2_grpc
 
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
 from tests.model_service.test_server import LONG_PROMPT, core_greedy, generate, greedy, request
 from tests.service_process import ServiceProcess

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llama.serving.assets import default_model_path, llama3_tokenizer_path
-from llama.tokenizer.v1 import tokenizer_pb2_grpc
 
+from llama_grpc_runtime.assets import default_model_path, llama3_tokenizer_path
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
 from tests.service_process import ServiceProcess
 from tokenizer_service import Tokenizer, load_tokenizer
 

@@ -9,8 +9,8 @@ import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llama.serving.errors import InvalidArgument
 
+from llama_grpc_runtime.errors import InvalidArgument
 from tests.tokenizer_service.hf_reference import gguf_fields, hf_tokenizer_from_gguf
 from tokenizer_service import Tokenizer
 from tokenizer_service.model_files import vocab_from_gguf

@@ -6,8 +6,8 @@ import pytest
 import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from llama.serving.errors import InvalidArgument
 
+from llama_grpc_runtime.errors import InvalidArgument
 from tokenizer_service import Tokenizer
 from tokenizer_service.tokenizer import (
     MAX_NO_WHITESPACES_CHARS,

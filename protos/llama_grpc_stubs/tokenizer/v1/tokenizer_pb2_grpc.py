@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llama.tokenizer.v1 import tokenizer_pb2 as llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

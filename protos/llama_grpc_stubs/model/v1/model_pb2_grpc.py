@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llama.model.v1 import model_pb2 as llama_dot_model_dot_v1_dot_model__pb2
+from llama_grpc_stubs.model.v1 import model_pb2 as llama_dot_model_dot_v1_dot_model__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

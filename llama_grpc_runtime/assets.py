@@ -87,7 +87,7 @@ def llama3_tokenizer_path() -> Path:
 
 
 def main() -> None:
-    """``python -m llama.serving.assets``: fetch every asset and print where it lies."""
+    """``python -m llama_grpc_runtime.assets``: fetch every asset and print where it lies."""
     for path in (default_model_path(), llama3_tokenizer_path()):
         print(path)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llama.serving.assets import llama3_tokenizer_path
-from llama.tokenizer.v1 import tokenizer_pb2 as pb
-from llama.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
 from prometheus_client.parser import text_string_to_metric_families
 
+from llama_grpc_runtime.assets import llama3_tokenizer_path
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
+from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
 from tests.service_process import ServiceProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -1,6 +1,6 @@
-from llama.common.v1 import common_pb2 as _common_pb2
-from llama.model.v1 import model_pb2 as _model_pb2
-from llama.tokenizer.v1 import tokenizer_pb2 as _tokenizer_pb2
+from llama_grpc_stubs.common.v1 import common_pb2 as _common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2 as _model_pb2
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as _tokenizer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

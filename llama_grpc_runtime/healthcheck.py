@@ -1,4 +1,4 @@
-"""``python -m llama.serving.healthcheck --service model``: exit 0 when the server says SERVING.
+"""``python -m llama_grpc_runtime.healthcheck --service model``: exit 0 when the server says SERVING.
 
 Container health checks (Docker ``HEALTHCHECK``, Compose, Kubernetes ``exec`` probes under TLS) need a
 client that is already in the image; grpc_health_probe is a separate download, this is not. The port
@@ -32,7 +32,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.serving.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llama_grpc_runtime.healthcheck", description=__doc__)
     parser.add_argument("--service", choices=sorted(DEFAULT_PORTS), required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, help="default: LLAMA_<SERVICE>_PORT, else the service's port")
