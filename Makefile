@@ -12,7 +12,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
+.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -71,6 +71,20 @@ run: install assets
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache
+
+# Peers for `make bench` and the llama.cpp agreement test: llama-cpp-python in its own venv (.peers/venv),
+# compiled from source (~8 min on 2 cores). GGML_AMX_INT8=OFF: the default build crashes in the AMX path
+# on CPUs that report AMX. Hugging Face transformers (the other peer) comes with the test extras.
+PEERS_VENV ?= .peers/venv
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+peers: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_AMX_INT8=OFF $(PEERS_CMAKE_ARGS)" $(PEERS_VENV)/bin/python -m pip install --quiet \
+		--no-cache-dir "$(LLAMA_CPP_SPEC)"
+	$(PEERS_VENV)/bin/python -c "import llama_cpp; print('peers: llama_cpp', llama_cpp.__version__)"
+	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
 bench: bench-tokenizer bench-model bench-engine bench-gateway

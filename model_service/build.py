@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 from torch import nn
 from tqdm import tqdm
 
@@ -21,6 +22,17 @@ from model_service import distributed
 from model_service.args import ModelArgs
 from model_service.checkpoint import CheckpointReader, open_checkpoint, parallel_dim
 from model_service.model import Transformer
+from model_service.quant import (
+    GROUP_SIZE,
+    QUANTIZE_MODES,
+    GGMLBlocks,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    compute_dtype_for,
+    quantize_int4,
+    quantize_int8,
+)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -39,6 +51,7 @@ class CheckpointInfo:
     dtype: str  # "float32" | "bfloat16" | "float16"
     device: str
     tp_size: int
+    quantization: str = "none"  # what runs, e.g. "int4 (Q4_1 as stored) x210; int8 (from Q8_0, per row) x1"
 
 
 @dataclass
@@ -87,9 +100,58 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(module_name), leaf, nn.Parameter(value, requires_grad=False))
 
 
+# GGUF types that the int4 kernel holds exactly, and the nearest kernel for the other quantised types.
+_GGUF_INT4_NEAREST = ("Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "IQ4_XS")
+_GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
+
+
+def weight_mode(reader: CheckpointReader, name: str, quantize: str | None) -> str:
+    """"float", "int4" or "int8" for one weight: ``quantize`` None serves a GGUF file in its own
+    quantisation where a kernel holds it (Q4_0/Q4_1 int4, Q8_0 int8), other checkpoints as they are."""
+    if not name.endswith("weight") or name.endswith("norm.weight") or quantize == "none":
+        return "float"
+    if quantize is not None:
+        return quantize
+    ggml_type = reader.ggml_type(name)
+    if ggml_type is None or ggml_type in _GGUF_FLOAT:
+        return "float"
+    return "int4" if GGMLBlocks.has_int4(ggml_type) or ggml_type in _GGUF_INT4_NEAREST else "int8"
+
+
+def _quantized_module(reader: CheckpointReader, name: str, mode: str, dim: int | None, start: int, end: int, *,
+                      device: torch.device, dtype: torch.dtype, parallel: str,
+                      gather_output: bool) -> tuple[torch.nn.Module, str]:
+    """This rank's shard of ``name`` as a packed module, and a label saying how it was made."""
+    ggml_type = reader.ggml_type(name)
+    compute = compute_dtype_for(device)
+    if parallel == "embedding":  # int8 rows, a scale per 32 columns: Q8_0 exactly, anything else nearest
+        if ggml_type == "Q8_0":
+            q, scale = reader.read_blocks(name, dim, start, end).int8_groups()
+            label = "embedding int8 (Q8_0 as stored)"
+        else:
+            q, scale = quantize_int8(reader.read(name, dim, start, end), GROUP_SIZE)
+            label = f"embedding int8 (from {ggml_type or 'float'}, per 32)"
+        return Int8Embedding(q, scale, start, device=device, dtype=dtype), label
+    if mode == "int4":
+        if ggml_type is not None and GGMLBlocks.has_int4(ggml_type):
+            q, scale, zero = reader.read_blocks(name, dim, start, end).int4()
+            label = f"int4 ({ggml_type} as stored)"
+        else:
+            q, scale, zero = quantize_int4(reader.read(name, dim, start, end))
+            label = f"int4 (from {ggml_type or 'float'}, per 32)"
+        return Int4Linear(q, scale, zero, device=device, parallel=parallel, gather_output=gather_output,
+                          compute_dtype=compute), label
+    q, scale = quantize_int8(reader.read(name, dim, start, end))
+    return (Int8Linear(q, scale, device=device, parallel=parallel, gather_output=gather_output, compute_dtype=compute),
+            f"int8 (from {ggml_type or 'float'}, per row)")
+
+
 def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-    """Replace every parameter by this rank's shard of the checkpoint tensor, one tensor at a time."""
+                 device: torch.device, quantize: str | None = "none") -> str:
+    """Replace every parameter by this rank's shard of the checkpoint tensor, one tensor at a time; a
+    quantised weight replaces its whole layer by a packed one. Returns what runs (``quantization``)."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     params = dict(model.named_parameters())  # tied output.weight appears once, as tok_embeddings.weight
     expected = set(params) | ({"output.weight"} if model.params.tie_word_embeddings else set())
     unexpected = [reader.source_name(n) for n in reader.names()
@@ -97,6 +159,7 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
     if unexpected:
         raise ValueError(f"{reader.path}: {len(unexpected)} tensor(s) that a Llama model does not have, "
                          f"e.g. {unexpected[:3]}")
+    labels: list[str] = []
     with tqdm(total=len(params), desc=f"loading {reader.path.name}", unit="tensor", delay=1.0,
               disable=rank != 0 or not sys.stderr.isatty()) as bar:
         for name, param in params.items():
@@ -113,21 +176,46 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
                                  f"checkpoint but the model's config needs {tuple(full)}")
             start = 0 if dim is None else rank * param.shape[dim]
             end = 0 if dim is None else start + param.shape[dim]
-            shard = reader.read(name, dim, start, end)
-            _set_parameter(model, name, shard.to(device=device, dtype=dtype).contiguous())
+            mode = weight_mode(reader, name, quantize)
+            if mode == "float":
+                shard = reader.read(name, dim, start, end)
+                _set_parameter(model, name, shard.to(device=device, dtype=dtype).contiguous())
+                labels.append("float")
+            else:
+                sources = [("tok_embeddings.weight", "embedding")]
+                if name == "tok_embeddings.weight" and model.params.tie_word_embeddings:
+                    sources.append(("output.weight", "column"))  # tied: the output layer packs the same rows
+                elif name != "tok_embeddings.weight":
+                    sources = [(name, "column" if dim == 0 else "row")]
+                for target, parallel in sources:
+                    module, label = _quantized_module(
+                        reader, name, mode, dim, start, end, device=device, dtype=dtype, parallel=parallel,
+                        gather_output=target == "output.weight")
+                    parent, _, leaf = target.removesuffix(".weight").rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+                    labels.append(label)
             bar.update(1)
-    if model.params.tie_word_embeddings:
+    if model.params.tie_word_embeddings and isinstance(model.output, ColumnParallelLinear):
         model.output.weight = model.tok_embeddings.weight
+    return describe(labels)
+
+
+def describe(labels: list[str]) -> str:
+    """``quantization`` in words: "none" when every weight is float, else each kind of layer with its count."""
+    counts = {label: labels.count(label) for label in dict.fromkeys(labels) if label != "float"}
+    return "; ".join(f"{label} x{n}" for label, n in counts.items()) or "none"
 
 
 def build(checkpoint: str | Path | None = None, *, device: str | torch.device = "cpu",
           dtype: torch.dtype | str = torch.float32, max_batch_size: int, max_seq_len: int | None,
-          seed: int = 1, tokenizer_vocab_size: int | None = None) -> LoadedModel:
+          seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None) -> LoadedModel:
     """Load a checkpoint (Meta dir, HF dir, or GGUF file; None = the embedded default model) as this
     rank's shard, allocate KV caches for ``max_batch_size`` sequences of up to ``max_seq_len`` tokens
     (None = the checkpoint's context) and return it ready for ``model.forward``.
 
-    ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary.
+    ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary. ``quantize``: "none",
+    "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
+    quantisation where a kernel holds it, other checkpoints in ``dtype``.
     """
     started = time.monotonic()
     dtype, device = parse_dtype(dtype), torch.device(device)
@@ -151,7 +239,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
 
     with _default_dtype(dtype):
         model = Transformer(args)
-    load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device)
+    quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize)
     model.eval()
     model.setup_caches(max_batch_size, serving_len, dtype, device)
 
@@ -159,7 +247,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         name=reader.name, format=reader.format, path=reader.path, stop_token_ids=reader.stop_token_ids,
         bos_token_id=reader.bos_token_id, vocab_size=args.vocab_size, max_seq_len=serving_len,
         parameter_count=parameter_count(args), dtype=str(dtype).removeprefix("torch."), device=str(device),
-        tp_size=tp)
+        tp_size=tp, quantization=quantization)
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():
         print(f"loaded {info.name} ({info.parameter_count / 1e6:.0f}M parameters, {info.dtype}, tp={tp}) "
               f"in {time.monotonic() - started:.1f} s", file=sys.stderr)

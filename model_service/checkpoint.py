@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model_service.args import ModelArgs
+from model_service.quant import GGMLBlocks, column_bytes
 
 # Split dimension of each weight in Meta's tensor-parallel layout (also the model's fairscale layers):
 # 0 for ColumnParallelLinear / VocabParallelEmbedding, 1 for RowParallelLinear, None = replicated.
@@ -83,6 +84,14 @@ class CheckpointReader:
     def source_name(self, name: str) -> str:
         """The tensor's name in the checkpoint's own format, for error messages."""
         return name
+
+    def ggml_type(self, name: str) -> str | None:
+        """The GGUF storage type of a tensor ("Q4_1", "F32", ...); None for float checkpoints."""
+        return None
+
+    def read_blocks(self, name: str, dim: int | None, start: int, end: int) -> GGMLBlocks:
+        """Rows or columns [start, end) as the file stores them (quantised blocks), without dequantising."""
+        raise NotImplementedError(f"{self.format} checkpoints hold no quantised blocks")
 
     def read_full(self, name: str) -> torch.Tensor:
         """The whole tensor, merged across shard files (for conversion, not for serving)."""
@@ -325,6 +334,19 @@ class GGUFReader(CheckpointReader):
 
     def source_name(self, name: str) -> str:
         return self.tensors[name].name if name in self.tensors else name
+
+    def ggml_type(self, name: str) -> str | None:
+        return self.tensors[name].tensor_type.name
+
+    def read_blocks(self, name: str, dim: int | None, start: int, end: int) -> GGMLBlocks:
+        tensor = self.tensors[name]
+        type_name = tensor.tensor_type.name
+        data = tensor.data  # memory-mapped uint8 [rows, bytes of blocks]
+        if dim == 0:
+            data = data[start:end]
+        elif dim == 1:
+            data = data[:, column_bytes(type_name, start, end)]
+        return GGMLBlocks(type_name, data)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         tensor = self.tensors.get(name)

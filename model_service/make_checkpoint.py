@@ -188,10 +188,24 @@ def _gguf_name(name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int | None, stops: list[int]) -> None:
-    """GGUF, all F32, q/k in Meta's row order (what llama.cpp's converter produces), streamed."""
+def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int | None, stops: list[int],
+               gguf_type: str = "F32") -> None:
+    """GGUF, q/k in Meta's row order (what llama.cpp's converter produces), streamed. ``gguf_type``
+    "F32", or a type gguf-py can quantise (Q4_0, Q4_1, Q8_0) for the linears; with a Q4 type the
+    embeddings and output are Q8_0, as in SmolLM2's Q4_1 file. Norms and RoPE factors stay F32."""
     import gguf
     import numpy as np
+
+    def storage(gguf_name: str) -> gguf.GGMLQuantizationType:
+        if gguf_type == "F32" or not gguf_name.endswith(".weight") or "norm" in gguf_name or "rope" in gguf_name:
+            return gguf.GGMLQuantizationType.F32
+        if gguf_name in ("token_embd.weight", "output.weight") and gguf_type.startswith("Q4"):
+            return gguf.GGMLQuantizationType.Q8_0
+        return gguf.GGMLQuantizationType[gguf_type]
+
+    def encode(gguf_name: str, values: np.ndarray) -> np.ndarray:
+        kind = storage(gguf_name)
+        return values if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(values, kind)
 
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name(name)
@@ -205,7 +219,7 @@ def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int |
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_rope_dimension_count(args.head_dim)
     writer.add_vocab_size(args.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "F32" else gguf.LlamaFileType[f"MOSTLY_{gguf_type}"])
     if bos is not None:
         writer.add_bos_token_id(bos)
     if stops:
@@ -218,12 +232,18 @@ def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int |
         divisors = np.array(llama3_rope_divisors(args), dtype=np.float32)
         tensors.append(("rope_freqs.weight", lambda: divisors))
     for meta_name in tensor_shapes(args):
-        tensors.append((_gguf_name(meta_name), lambda n=meta_name: get(n).float().numpy()))
+        gguf_name = _gguf_name(meta_name)
+        tensors.append((gguf_name, lambda n=meta_name, g=gguf_name: encode(g, get(n).float().numpy())))
     shapes = {"rope_freqs.weight": (args.head_dim // 2,)} | {
         _gguf_name(n): s for n, s in tensor_shapes(args).items()}
     for gguf_name, _ in tensors:
-        shape = shapes[gguf_name]
-        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * math.prod(shape))
+        shape, kind = shapes[gguf_name], storage(gguf_name)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * math.prod(shape))
+        else:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+            byte_shape = (*shape[:-1], shape[-1] // block * block_bytes)
+            writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -234,7 +254,8 @@ def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int |
 
 def write_checkpoint(out: str | Path, fmt: str, *, args: ModelArgs | None = None, preset: str | None = None,
                      source: str | Path | None = None, seed: int = 0, shards: int = 1,
-                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30) -> Path:
+                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30,
+                     gguf_type: str = "F32") -> Path:
     """Write random weights (``args`` or ``preset``) or convert ``source`` to ``fmt``; return the path
     to pass to ``build()`` (the directory, or the .gguf file)."""
     if fmt not in FORMATS:
@@ -258,7 +279,7 @@ def write_checkpoint(out: str | Path, fmt: str, *, args: ModelArgs | None = None
     if fmt == "gguf":
         path = out if out.suffix == ".gguf" else out / f"{name}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(path, args, get, name, bos, stops)
+        write_gguf(path, args, get, name, bos, stops, gguf_type)
         return path
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "meta":
@@ -279,11 +300,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=1, help="Meta format: number of consolidated.NN.pth files")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
                         help="stored dtype for meta/hf (gguf is always F32)")
+    parser.add_argument("--gguf-type", choices=("F32", "Q4_0", "Q4_1", "Q8_0"), default="F32",
+                        help="GGUF storage of the linears (a Q4 type stores embeddings and output as Q8_0)")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="HF format: safetensors file size limit")
     ns = parser.parse_args(argv)
     path = write_checkpoint(ns.out, ns.format, preset=None if ns.source else ns.preset, source=ns.source,
                             seed=ns.seed, shards=ns.shards, dtype=getattr(torch, ns.dtype),
-                            max_shard_bytes=int(ns.max_shard_gb * (1 << 30)))
+                            max_shard_bytes=int(ns.max_shard_gb * (1 << 30)), gguf_type=ns.gguf_type)
     print(path)
 
 

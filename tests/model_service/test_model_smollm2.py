@@ -21,10 +21,14 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_smollm2_greedy_answer(tokenizer, dtype):
-    loaded = build(None, dtype=dtype, max_batch_size=1, max_seq_len=128)
+# quantize None: the file's own Q4_1 / Q8_0 blocks in packed int4 / int8 linears (what `make run` serves);
+# "none": dequantised to float; "int8": re-quantised per row from the dequantised weights.
+@pytest.mark.parametrize(("dtype", "quantize"), [("float32", None), ("bfloat16", None), ("float32", "none"),
+                                                 ("bfloat16", "none"), ("float32", "int8")])
+def test_smollm2_greedy_answer(tokenizer, dtype, quantize):
+    loaded = build(None, dtype=dtype, max_batch_size=1, max_seq_len=128, quantize=quantize)
     info, model = loaded.info, loaded.model
+    assert ("int4 (Q4_1 as stored) x210" in info.quantization) == (quantize is None)
     assert (info.format, info.vocab_size, info.bos_token_id, info.stop_token_ids) == ("gguf", 49152, 1, [2])
     args = loaded.args  # the facts about this file
     assert (args.n_layers, args.dim, args.n_heads, args.kv_heads, args.ffn_hidden_dim) == (30, 576, 9, 3, 1536)

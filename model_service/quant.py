@@ -1,0 +1,229 @@
+"""Weight-only quantised linears and embeddings, and the GGUF blocks that load into them as they are.
+
+Kernels are PyTorch's own (the ones gpt-fast and torchao's CPU/CUDA int4 and int8 layouts call):
+- int4, group-wise asymmetric: ``w = (q - 8) * scale + zero`` per group of ``GROUP_SIZE`` input columns,
+  ``_weight_int4pack_mm_for_cpu`` on CPU and ``_weight_int4pack_mm`` on CUDA. GGUF Q4_0 (``w = d (q - 8)``)
+  and Q4_1 (``w = d q + m``, so ``zero = m + 8 d``) blocks are 32 columns wide: each block is one group.
+- int8, per output channel: ``w = q * scale``, ``_weight_int8pack_mm`` on CPU. GGUF Q8_0 has a scale per
+  32 columns, which this kernel cannot hold: Q8_0 linears are re-quantised per row (the nearest format;
+  the error is at most half a step of the row's scale). Q8_0 *embeddings* are exact (a lookup
+  dequantises only the rows it gathers, with their own block scales).
+- The CPU kernels are fast with bfloat16 activations only (float32 and float16 take a reference path
+  ~50x slower), so the matmul runs in bfloat16 (``compute_dtype``) and its output is cast back to the
+  model's dtype; scales and zeros are stored in that dtype too (fp16 GGUF scales lose 3 mantissa bits).
+
+torchao was the first choice, but its CPU int4 tensor is built by quantising a float weight (no way in
+for the file's own scales and zeros without a float copy) and its int8 weight-only CPU path dequantises
+per call; the kernels below are the same ones it dispatches to, so a small module serves instead.
+
+Tensor parallelism keeps fairscale's semantics: a ``column`` layer holds a slice of output rows (with
+``gather_output`` the full output is all-gathered), a ``row`` layer a slice of input columns whose
+partial outputs are all-reduced; shards are cut from the checkpoint before packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_world_size,
+    model_parallel_is_initialized,
+)
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
+from torch import nn
+
+GROUP_SIZE = 32  # int4 group width; also the block width of GGUF's Q4_0 / Q4_1 / Q8_0
+QUANTIZE_MODES = ("none", "int8", "int4")
+# Bytes per 32-column block (fp16 scale [, fp16 min], then the quants), from ggml-common.h.
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def _tp_size() -> int:
+    return get_model_parallel_world_size() if model_parallel_is_initialized() else 1  # standalone use: 1 rank
+
+
+def compute_dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16  # the fast path of the CPU kernels, and what the CUDA int4 kernel requires
+
+
+# ---- quantising float weights (Meta / Hugging Face checkpoints, GGUF types without a kernel) ----------
+
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max per group: (q uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]) float32."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size {group_size}")
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scale, lo + 8 * scale
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per row (group_size None) or per group: (q int8 [N, K], scale [N] or [N, K/g]) float32."""
+    n, k = w.shape
+    groups = w.float().reshape(n, 1 if group_size is None else k // group_size, -1)
+    scale = (groups.abs().amax(-1) / 127).clamp(min=1e-10)
+    q = (groups / scale[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, scale.squeeze(1) if group_size is None else scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] of what an Int4Linear built from (q, scale, zero) multiplies by (the reference)."""
+    group = q.shape[1] // scale.shape[1]
+    return (q.float() - 8) * scale.float().repeat_interleave(group, 1) + zero.float().repeat_interleave(group, 1)
+
+
+# ---- GGUF blocks ---------------------------------------------------------------------------------
+
+@dataclass
+class GGMLBlocks:
+    """Rows of a GGUF tensor as stored: ``data`` uint8 [rows, blocks * bytes per block]."""
+
+    type_name: str  # ggml type, e.g. "Q4_1"
+    data: np.ndarray
+
+    def _split(self, head_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        blocks = np.ascontiguousarray(self.data).reshape(self.data.shape[0], -1, _BLOCK_BYTES[self.type_name])
+        return blocks[..., :head_bytes], blocks[..., head_bytes:]
+
+    def int4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q4_0 / Q4_1 -> (q uint8 [N, K], scale [N, K/32], zero [N, K/32]) float32, the same weights."""
+        head, quants = self._split(2 if self.type_name == "Q4_0" else 4)
+        halves = head.view(np.float16).astype(np.float32)  # [rows, blocks, 1 or 2]: d [, m]
+        d = torch.from_numpy(halves[..., 0].copy())
+        # ggml order: element j of a block is the low nibble of byte j, element j + 16 its high nibble.
+        q = torch.from_numpy(np.concatenate([quants & 0x0F, quants >> 4], axis=-1))
+        zero = torch.zeros_like(d) if self.type_name == "Q4_0" else torch.from_numpy(halves[..., 1].copy()) + 8 * d
+        return q.reshape(q.shape[0], -1), d, zero
+
+    def int8_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q8_0 -> (q int8 [N, K], scale [N, K/32]) float32, the same weights."""
+        head, quants = self._split(2)
+        d = torch.from_numpy(head.view(np.float16)[..., 0].astype(np.float32))
+        q = torch.from_numpy(quants.view(np.int8).copy())
+        return q.reshape(q.shape[0], -1), d
+
+    @staticmethod
+    def has_int4(type_name: str) -> bool:
+        return type_name in ("Q4_0", "Q4_1")
+
+
+def column_bytes(type_name: str, start: int, end: int) -> slice:
+    """Byte range of columns [start, end) inside a row of blocks (a row-parallel shard)."""
+    if start % GROUP_SIZE or end % GROUP_SIZE:
+        raise ValueError(f"a {type_name} shard must start and end on a {GROUP_SIZE}-column block boundary, "
+                         f"got columns [{start}, {end}); pick a tensor-parallel size that keeps shards whole")
+    size = _BLOCK_BYTES[type_name]
+    return slice(start // GROUP_SIZE * size, end // GROUP_SIZE * size)
+
+
+def can_load_blocks(type_name: str) -> bool:
+    return type_name in _BLOCK_BYTES
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+class _QuantLinear(nn.Module):
+    """Shared forward: fairscale's parallel-region calls around a packed matmul."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: str | None, gather_output: bool,
+                 compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features  # this rank's sizes
+        self.parallel, self.gather_output, self.compute_dtype = parallel, gather_output, compute_dtype
+        # copy_to_model_parallel_region (a column layer's input) is the identity outside autograd.
+        self._reduce = parallel == "row" and _tp_size() > 1
+        self._gather = parallel == "column" and gather_output and _tp_size() > 1
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features] in x's dtype
+        y = self._mm(x.reshape(-1, x.shape[-1]).to(self.compute_dtype)).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        if self._reduce:
+            y = reduce_from_model_parallel_region(y)
+        elif self._gather:
+            y = gather_from_model_parallel_region(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, parallel={self.parallel}"
+
+
+class Int4Linear(_QuantLinear):
+    """Group-wise int4 weight-only linear: ``y = x @ ((q - 8) * scale + zero).T`` per 32-column group."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, device: torch.device,
+                 parallel: str | None = None, gather_output: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        n, k = q.shape
+        super().__init__(k, n, parallel, gather_output, compute_dtype)
+        self.group_size = k // scale.shape[1]
+        q = q.to(device)
+        if device.type == "cuda":
+            self.inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(),
+                                                                self.inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.register_buffer("packed", packed, persistent=False)
+        # [K/g, N, 2]: (scale, zero) per group and output row, as both kernels take them.
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(
+            device=device, dtype=compute_dtype).contiguous(), persistent=False)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed.device.type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+
+
+class Int8Linear(_QuantLinear):
+    """Per-channel int8 weight-only linear: ``y = (x @ q.T) * scale``."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, *, device: torch.device, parallel: str | None = None,
+                 gather_output: bool = False, compute_dtype: torch.dtype = torch.bfloat16):
+        n, k = q.shape
+        super().__init__(k, n, parallel, gather_output, compute_dtype)
+        self.register_buffer("weight_int8", q.to(device).contiguous(), persistent=False)
+        self.register_buffer("scales", scale.to(device=device, dtype=compute_dtype), persistent=False)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_int8.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scales  # CUDA: gpt-fast's form
+
+
+class Int8Embedding(nn.Module):
+    """Vocab-parallel embedding over int8 rows with one scale per 32 columns; a lookup dequantises only
+    the rows it gathers (fairscale's VocabParallelEmbedding semantics: this rank holds a vocab range)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, vocab_start: int, *, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight_int8", q.to(device).contiguous(), persistent=False)
+        self.register_buffer("scales", scale.to(device=device, dtype=torch.float32).contiguous(), persistent=False)
+        self.vocab_start, self.vocab_end = vocab_start, vocab_start + q.shape[0]
+        self.group_size = q.shape[1] // scale.shape[1]
+        self.dtype = dtype
+        self._reduce = _tp_size() > 1
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: [n] -> [n, dim]
+        if self._reduce:
+            outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+            tokens = (tokens - self.vocab_start).masked_fill(outside, 0)
+        rows = self.weight_int8[tokens].float().view(tokens.numel(), -1, self.group_size)
+        out = (rows * self.scales[tokens][..., None]).view(*tokens.shape, -1).to(self.dtype)
+        if self._reduce:
+            out = reduce_from_model_parallel_region(out.masked_fill(outside[..., None], 0))
+        return out

@@ -1,0 +1,212 @@
+"""Packed int4 / int8 weights: GGUF blocks load as the very weights llama.cpp's own reader (gguf-py)
+dequantises, packed linears compute what a float32 linear on the dequantised weights computes, quantised
+models stay close to float32, and tensor parallelism shards packed weights like float ones.
+
+Tolerances, and why:
+- block parsing: exact (float32 ``(q - 8) * d + (m + 8 d)`` vs gguf-py's ``d * q + m``: 1 ulp at most);
+- a packed linear vs float32 on the same weights: the kernels take bfloat16 activations and bfloat16
+  scales, so 2% of the largest output (bfloat16 has 8 significant bits: ~0.4% per rounding);
+- quantised vs float32 models (random weights): logits cosine >= 0.999 (int8) / 0.97 (int4: a 16-level grid per 32 random
+  normal weights keeps ~98% cosine through two layers);
+- tp=2 vs tp=1 of the same quantised model: row-parallel layers sum bfloat16 partial products in
+  another order, so 2% of the largest logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_service import distributed
+from model_service.build import build
+from model_service.checkpoint import open_checkpoint
+from model_service.make_checkpoint import write_checkpoint
+from model_service.model import Batch
+from model_service.quant import (
+    GGMLBlocks,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int8,
+)
+
+CPU = torch.device("cpu")
+
+
+def random_weights(rows: int, cols: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_are_exactly_the_int4_format(type_name):
+    kind = gguf.GGMLQuantizationType[type_name]
+    blocks = gguf.quants.quantize(random_weights(48, 96, seed=1), kind)  # [48, 3 blocks * bytes]
+    q, scale, zero = GGMLBlocks(type_name, blocks).int4()
+    assert q.shape == (48, 96) and int(q.max()) <= 15 and scale.shape == (48, 3)
+    reference = torch.from_numpy(gguf.quants.dequantize(blocks, kind))
+    torch.testing.assert_close(dequantize_int4(q, scale, zero), reference, rtol=1e-6, atol=1e-7)
+
+
+def test_gguf_q8_0_blocks_are_int8_with_a_scale_per_32():
+    kind = gguf.GGMLQuantizationType.Q8_0
+    blocks = gguf.quants.quantize(random_weights(40, 64, seed=2), kind)
+    q, scale = GGMLBlocks("Q8_0", blocks).int8_groups()
+    weights = q.float() * scale.repeat_interleave(32, 1)
+    assert torch.equal(weights, torch.from_numpy(gguf.quants.dequantize(blocks, kind)))
+
+
+def test_shard_of_blocks_must_keep_blocks_whole():
+    from model_service.quant import column_bytes
+
+    assert column_bytes("Q4_1", 32, 96) == slice(20, 60)
+    with pytest.raises(ValueError, match="block boundary"):
+        column_bytes("Q4_1", 16, 64)
+
+
+def test_int4_linear_equals_float32_linear_on_the_dequantised_weights():
+    w = torch.from_numpy(random_weights(96, 128, seed=3))
+    q, scale, zero = quantize_int4(w)
+    linear = Int4Linear(q, scale, zero, device=CPU)
+    # The kernel holds scales and zeros in bfloat16: the reference uses the same rounded values.
+    reference = dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
+    assert relative_error(reference, w) < 0.1  # and they are close to the original weights
+    x = torch.randn(5, 128)
+    assert relative_error(linear(x), x @ reference.T) < 0.02
+    assert linear(x).dtype == torch.float32 and linear(x[None]).shape == (1, 5, 96)
+
+
+def test_int8_linear_equals_float32_linear_on_the_dequantised_weights():
+    w = torch.from_numpy(random_weights(96, 128, seed=4))
+    q, scale = quantize_int8(w)
+    linear = Int8Linear(q, scale, device=CPU)
+    reference = q.float() * scale.bfloat16().float()[:, None]
+    assert relative_error(reference, w) < 0.01
+    x = torch.randn(5, 128)
+    assert relative_error(linear(x), x @ reference.T) < 0.02
+
+
+def test_int8_embedding_looks_up_the_dequantised_rows():
+    w = torch.from_numpy(random_weights(50, 64, seed=5))
+    q, scale = quantize_int8(w, 32)
+    table = q.float() * scale.repeat_interleave(32, 1)
+    embedding = Int8Embedding(q, scale, 0, device=CPU, dtype=torch.float32)
+    tokens = torch.tensor([3, 49, 0, 3])
+    assert torch.equal(embedding(tokens), table[tokens])
+
+
+# ---- whole models ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random tiny weights stored like SmolLM2's file: Q4_1 linears, Q8_0 embeddings."""
+    return write_checkpoint(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", "gguf", preset="tiny", seed=7,
+                            gguf_type="Q4_1")
+
+
+def logits_of(path: Path, quantize: str | None) -> dict[str, torch.Tensor]:
+    """A prompt's logits and a mixed decode + prompt batch, on whatever group this process is in."""
+    model = build(path, max_batch_size=3, max_seq_len=64, quantize=quantize).model
+    prompt = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(5))
+    out = {"prompt": model(Batch(prompt, [0], [0], [11]), all_logits=True)}
+    out["mixed"] = model(Batch(torch.cat([torch.tensor([3]), prompt[:6]]), [0, 2], [11, 0], [1, 6]), all_logits=True)
+    return out
+
+
+def test_gguf_q4_file_is_served_as_stored(q4_gguf):
+    info = build(q4_gguf, max_batch_size=1, max_seq_len=16).info
+    # 2 layers x 7 linears in int4 from their own blocks; the tied embedding exact, the output per row.
+    assert info.quantization == ("embedding int8 (Q8_0 as stored) x1; int4 (Q4_1 as stored) x14; "
+                                 "int8 (from Q8_0, per row) x1")
+    assert build(q4_gguf, max_batch_size=1, max_seq_len=16, quantize="none").info.quantization == "none"
+
+
+def test_native_q4_model_equals_the_float32_model_of_the_same_weights(q4_gguf):
+    # quantize="none" dequantises the file to float32: the same weights, computed in float32.
+    native, dequantised = logits_of(q4_gguf, None), logits_of(q4_gguf, "none")
+    for key in native:
+        assert relative_error(native[key], dequantised[key]) < 0.03, key
+        assert F.cosine_similarity(native[key], dequantised[key]).min() > 0.999, key
+
+
+@pytest.mark.parametrize(("mode", "min_cosine"), [("int8", 0.999), ("int4", 0.97)])
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_quantized_checkpoint_stays_close_to_float32(tiny_checkpoints, fmt, mode, min_cosine):
+    info = build(tiny_checkpoints[fmt], max_batch_size=1, max_seq_len=16, quantize=mode).info
+    assert f"{mode} (from float, per" in info.quantization and "embedding int8" in info.quantization
+    quantized, reference = logits_of(tiny_checkpoints[fmt], mode), logits_of(tiny_checkpoints[fmt], None)
+    for key in quantized:
+        assert F.cosine_similarity(quantized[key], reference[key]).min() > min_cosine, key
+
+
+def test_unknown_quantize_mode_is_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
+        build(tiny_checkpoints["meta"], max_batch_size=1, max_seq_len=16, quantize="int3")
+
+
+# ---- tensor parallelism: shards of packed weights -----------------------------------------------
+
+CASES = [("gguf-q4", None), ("meta", "int4"), ("meta2", "int8")]
+
+
+def _rank_logits(rank: int, cases: list[tuple[Path, str | None]]) -> list[dict[str, torch.Tensor]]:
+    return [logits_of(path, quantize) for path, quantize in cases]
+
+
+@pytest.fixture(scope="module")
+def tp2_quantized(tiny_checkpoints, q4_gguf) -> tuple[list, list]:
+    paths = dict(tiny_checkpoints, **{"gguf-q4": q4_gguf})
+    cases = [(paths[name], quantize) for name, quantize in CASES]
+    return cases, distributed.launch(2, _rank_logits, cases, timeout_s=300)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{n}-{q}" for n, q in CASES])
+def test_tp2_of_packed_weights_equals_tp1(tp2_quantized, case):
+    cases, results = tp2_quantized
+    expected = logits_of(*cases[case])
+    for rank, per_rank in enumerate(results):
+        for key, value in per_rank[case].items():
+            assert relative_error(value, expected[key]) < 0.02, f"rank {rank} {key}"
+
+
+# ---- the real file ------------------------------------------------------------------------------
+
+def test_smollm2_tensor_types_and_a_packed_layer_against_its_float_weights():
+    from llama.serving.assets import default_model_path
+
+    path = default_model_path()
+    reader = open_checkpoint(path)
+    types = {name: reader.ggml_type(name) for name in reader.names()}
+    assert types["tok_embeddings.weight"] == "Q8_0" and "output.weight" not in types  # tied
+    assert {types[f"layers.{i}.{m}.weight"] for i in range(30) for m in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")} == {"Q4_1"}
+    name = "layers.7.feed_forward.w2.weight"
+    q, scale, zero = reader.read_blocks(name, None, 0, 0).int4()
+    linear = Int4Linear(q, scale, zero, device=CPU)
+    x = torch.randn(3, 1536)
+    assert relative_error(linear(x), x @ reader.read(name, None, 0, 0).T) < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int4_and_int8_linears_equal_float32():
+    cuda = torch.device("cuda")
+    w = torch.from_numpy(random_weights(256, 512, seed=6))
+    q, scale, zero = quantize_int4(w)
+    x = torch.randn(4, 512)
+    int4 = Int4Linear(q, scale, zero, device=cuda)
+    assert relative_error(int4(x.to(cuda)).cpu(), x @ dequantize_int4(q, scale.bfloat16(), zero.bfloat16()).T) < 0.02
+    q8, scale8 = quantize_int8(w)
+    int8 = Int8Linear(q8, scale8, device=cuda)
+    assert relative_error(int8(x.to(cuda)).cpu(), x @ (q8.float() * scale8.bfloat16().float()[:, None]).T) < 0.02
