@@ -29,6 +29,7 @@ from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
 from .engine import Engine, FinishReason, GenerationChunk, GenerationRequest, LocalRunner, TokenAlternatives
+from .quant import QUANTIZE_MODES
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
 from .tp_worker import LoadOptions, TensorParallelRunner
 
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_flag("--dtype", default=None, choices=sorted(DTYPES),
                     help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_flag("--quantize", default=None, choices=list(QUANTIZE_MODES),
+                    help="weight-only quantisation: int4 (group-wise, 32) or int8 (per channel) packed linears "
+                         "and int8 embeddings; none: the checkpoint's weights in --dtype (default: a GGUF file "
+                         "in its own quantisation where a kernel holds it, Q4_0/Q4_1 int4 and Q8_0 int8; "
+                         "Meta / Hugging Face checkpoints as they are)")
     parser.add_flag("--max-batch-size", type=int, default=16, help="KV-cache slots: sequences decoded together")
     parser.add_flag("--max-seq-len", type=int, default=2048,
                     help="tokens per slot (prompt + output), capped at the model's context; 0: the model's context")
@@ -181,6 +187,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             stop_token_ids=list(info.stop_token_ids),
             checkpoint_format=info.format,
             parameter_count=info.parameter_count,
+            quantization=info.quantization,
+            compile="off",
         )
 
     def _ready(self) -> Engine:
@@ -200,9 +208,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         args = self.args
         options = LoadOptions(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
                               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len or None,
-                              seed=args.seed)
+                              seed=args.seed, quantize=args.quantize)
         log.info("loading model", checkpoint=args.checkpoint or "embedded default", tp=args.tp,
-                 device=args.device, dtype=args.dtype)
+                 device=args.device, dtype=args.dtype, quantize=args.quantize or "default")
         if args.tp > 1:
             self.runner = TensorParallelRunner(args.tp, options, on_rank_death=self.fatal)
             loaded = self.runner.start()
@@ -217,7 +225,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         engine.warm_up()
         log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,
-                 parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device))
+                 parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device),
+                 quantization=info.quantization)
         return engine
 
     def fatal(self, error: BaseException) -> None:

@@ -44,12 +44,14 @@ class LoadOptions:
     max_seq_len: int | None
     seed: int = 1
     log_level: str = "info"
+    quantize: str | None = None  # None: a GGUF file's own quantisation, other checkpoints as stored
 
     def build(self, device: str | None = None) -> Any:
         from .build import build
 
         return build(self.checkpoint, device=device or self.device, dtype=DTYPES[self.dtype],
-                     max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed)
+                     max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed,
+                     quantize=self.quantize)
 
 
 def _comm_device(model_device: torch.device) -> torch.device:

@@ -182,7 +182,7 @@ def test_tp2_of_packed_weights_equals_tp1(tp2_quantized, case):
 # ---- the real file ------------------------------------------------------------------------------
 
 def test_smollm2_tensor_types_and_a_packed_layer_against_its_float_weights():
-    from llama.serving.assets import default_model_path
+    from llama_grpc_runtime.assets import default_model_path
 
     path = default_model_path()
     reader = open_checkpoint(path)

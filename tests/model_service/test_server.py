@@ -110,6 +110,7 @@ def test_model_info(server, core):
     assert (info.family, info.checkpoint_format, info.tensor_parallel_size, info.dtype, info.device) == \
         ("llama", "meta", 1, "float32", "cpu")
     assert list(info.stop_token_ids) == core.info.stop_token_ids and info.parameter_count == core.info.parameter_count
+    assert (info.quantization, info.compile) == ("none", "off")  # a float checkpoint runs as stored
 
 
 def test_greedy_equals_the_model_core(server, core):

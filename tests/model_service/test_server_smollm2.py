@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from llama_grpc_runtime.assets import default_model_path
 from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from tests.model_service.test_server import generate, greedy, request
 from tests.service_process import ServiceProcess
 
@@ -39,6 +41,10 @@ def test_smollm2_answers_paris_alone_and_in_a_batch(hf_tokenizer):
                                           for p in [others[0], prompt, *others[1:]]))
 
         in_batch = asyncio.run(batch())[1][0]
+        with grpc.insecure_channel(proc.address) as channel:
+            info = model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(model_pb2.GetModelInfoRequest())
+    # `make run`'s default: the file's own Q4_1 blocks in int4 linears, its Q8_0 embedding in int8.
+    assert "int4 (Q4_1 as stored) x210" in info.quantization and "embedding int8 (Q8_0 as stored)" in info.quantization
     assert hf_tokenizer.decode(tokens).startswith("The capital of France is Paris.")
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP_TOKEN  # <|im_end|>, not returned
     assert 2 not in tokens
