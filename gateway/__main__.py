@@ -20,11 +20,11 @@ from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from . import metrics
-from .agreement import check_agreement
-from .completion import Completions
+from .completion import CompletionPipeline
+from .metrics import gateway_metrics
 from .request import Limits
 from .servicer import GatewayServicer
+from .state import UpstreamState, agreed_state
 from .upstream import ModelClient, TokenizerClient, channel_target
 
 log = structlog.get_logger()
@@ -49,9 +49,12 @@ class Gateway:
         self.args = args
         self.tokenizer = TokenizerClient(args.tokenizer_address)
         self.model = ModelClient(args.model_address)
-        self.completions = Completions(self.tokenizer, self.model, Limits(
-            max_stop_sequences=args.max_stop_sequences, max_stop_sequence_chars=args.max_stop_sequence_chars))
-        self.servicer = GatewayServicer(self.completions)
+        self.base_limits = Limits(max_stop_sequences=args.max_stop_sequences,
+                                  max_stop_sequence_chars=args.max_stop_sequence_chars)
+        # Replaced whole by the health monitor; each request reads it once.
+        self.state = UpstreamState(self.base_limits)
+        self.pipeline = CompletionPipeline(self.tokenizer, self.model, lambda: self.state)
+        self.servicer = GatewayServicer(self.pipeline, lambda: self.state)
         self.server = GrpcServer("gateway", args)
         self.server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer,
                         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name)
@@ -59,31 +62,21 @@ class Gateway:
 
     async def _health(self) -> tuple[bool, bool]:
         tokenizer_ok, model_ok = await asyncio.gather(self.tokenizer.healthy(), self.model.healthy())
-        metrics.UPSTREAM_UP.labels("tokenizer").set(tokenizer_ok)
-        metrics.UPSTREAM_UP.labels("model").set(model_ok)
+        gateway_metrics().upstream_up.labels("tokenizer").set(tokenizer_ok)
+        gateway_metrics().upstream_up.labels("model").set(model_ok)
         return tokenizer_ok, model_ok
 
-    async def agree(self) -> str | None:
-        """Compare the two upstreams, take the model's limits; return the refusal message, if any."""
+    async def agree(self) -> UpstreamState:
+        """Ask both upstreams what they serve: the state to swap in (with a refusal when they disagree)."""
         tokenizer_info, model_info = await asyncio.gather(self.tokenizer.info(), self.model.info())
-        agreement = check_agreement(tokenizer_info.vocab_size, tokenizer_info.stop_token_ids,
-                                    model_info.vocab_size, model_info.stop_token_ids)
-        if not agreement.ok:
-            return (f"tokenizer service at {self.tokenizer.address} ({tokenizer_info.name or 'tokenizer'}) and model "
-                    f"service at {self.model.address} ({model_info.model_name or 'model'}) do not serve the same "
-                    f"model: " + "; ".join(agreement.problems))
-        self.completions.limits = Limits(
-            max_stop_sequences=self.args.max_stop_sequences,
-            max_stop_sequence_chars=self.args.max_stop_sequence_chars,
-            vocab_size=tokenizer_info.vocab_size, max_seq_len=model_info.max_seq_len)
-        self.completions.extra_stop_token_ids = agreement.extra_stop_token_ids
-        self.tokenizer.forget_token_texts()
-        self.tokenizer.add_bos = tokenizer_info.add_bos_token
-        log.info("upstreams agree", tokenizer=tokenizer_info.name, model=model_info.model_name,
-                 vocab_size=tokenizer_info.vocab_size, model_vocab_size=model_info.vocab_size,
-                 max_seq_len=model_info.max_seq_len, stop_token_ids=list(model_info.stop_token_ids),
-                 extra_stop_token_ids=list(agreement.extra_stop_token_ids), add_bos=tokenizer_info.add_bos_token)
-        return None
+        state = agreed_state(self.state, self.base_limits, tokenizer_info, self.tokenizer.address,
+                             model_info, self.model.address)
+        if not state.refusal:
+            log.info("upstreams agree", tokenizer=tokenizer_info.name, model=model_info.model_name,
+                     vocab_size=tokenizer_info.vocab_size, model_vocab_size=model_info.vocab_size,
+                     max_seq_len=model_info.max_seq_len, stop_token_ids=list(model_info.stop_token_ids),
+                     extra_stop_token_ids=list(state.extra_stop_token_ids), add_bos=state.add_bos)
+        return state
 
     async def startup(self) -> None:
         next_log = 0.0
@@ -94,10 +87,10 @@ class Gateway:
                 log.info("waiting for upstreams", waiting_for=down)
                 next_log = time.monotonic() + 10
             await asyncio.sleep(self.args.health_interval)
-        refusal = await self.agree()
-        if refusal:
-            print(f"gateway: refusing to start: {refusal}", file=sys.stderr, flush=True)
-            raise RuntimeError(refusal)
+        self.state = await self.agree()
+        if self.state.refusal:
+            print(f"gateway: refusing to start: {self.state.refusal}", file=sys.stderr, flush=True)
+            raise RuntimeError(self.state.refusal)
         self._monitor = asyncio.create_task(self.monitor())
 
     async def monitor(self) -> None:
@@ -108,15 +101,15 @@ class Gateway:
             up = await self._health()
             if up != was_up:
                 log.warning("upstream health changed", tokenizer_serving=up[0], model_serving=up[1])
-            if all(up) and (not all(was_up) or self.servicer.refusal):
+            if all(up) and (not all(was_up) or self.state.refusal):
                 try:
-                    self.servicer.refusal = await self.agree()
+                    self.state = await self.agree()
                 except Exception as error:  # noqa: BLE001 -- went down again meanwhile: retry next round
                     log.warning("agreement check failed", error=str(error))
                     up = (False, False)
-                if self.servicer.refusal:
-                    log.error("upstreams disagree; not serving", reason=self.servicer.refusal)
-            await self.server.set_serving(all(up) and not self.servicer.refusal)
+                if self.state.refusal:
+                    log.error("upstreams disagree; not serving", reason=self.state.refusal)
+            await self.server.set_serving(all(up) and not self.state.refusal)
             was_up = up
 
     async def drain(self) -> None:

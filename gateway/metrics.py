@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from llama_grpc_runtime.metrics import LATENCY_BUCKETS
 
-UPSTREAM_UP = Gauge("llama_gateway_upstream_up", "1 while the upstream service answers its health check SERVING",
-                    ["upstream"])
-TIME_TO_FIRST_CHUNK = Histogram("llama_gateway_time_to_first_token_seconds",
-                                "From request to the model's first generated tokens (tokenize + queue + prefill)",
-                                buckets=LATENCY_BUCKETS)
-GENERATED_TOKENS = Counter("llama_gateway_generated_tokens_total", "Tokens received from the model service")
-FINISHED = Counter("llama_gateway_completions_total", "Completions by finish reason", ["finish_reason"])
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    upstream_up: Gauge
+    time_to_first_chunk: Histogram
+    generated_tokens: Counter
+    finished: Counter
+
+
+@cache
+def gateway_metrics() -> GatewayMetrics:
+    """Created once per process (Prometheus' registry refuses duplicates)."""
+    p = "llama_gateway"
+    return GatewayMetrics(
+        upstream_up=Gauge(f"{p}_upstream_up", "1 while the upstream service answers its health check SERVING",
+                          ["upstream"]),
+        time_to_first_chunk=Histogram(f"{p}_time_to_first_token_seconds",
+                                      "From request to the model's first generated tokens (tokenize + queue + prefill)",
+                                      buckets=LATENCY_BUCKETS),
+        generated_tokens=Counter(f"{p}_generated_tokens_total", "Tokens received from the model service"),
+        finished=Counter(f"{p}_completions_total", "Completions by finish reason", ["finish_reason"]),
+    )

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
 from llama_grpc_runtime.errors import Unavailable
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llama_grpc_stubs.model.v1 import model_pb2
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2
 
-from .completion import Chunk, Completions
+from .completion import CompletionPipeline
+from .interfaces import Candidate, Deadline
 from .request import ChatMessage, CompletionRequest, Output, Sampling, Stopping, validate_input
-from .upstream import Candidate, Deadline
+from .shaping import Chunk
+from .state import UpstreamState
 
 
 def _optional(message: object, name: str) -> object | None:
@@ -64,47 +68,52 @@ def fill(response: gateway_pb2.GenerateResponse | gateway_pb2.GenerateStreamResp
         response.prompt_logprobs.extend(chunk.echo.logprobs)
         response.prompt_top_logprobs.extend(_top(chunk.echo.top_logprobs))
     if chunk.finish is not None:
-        response.finish_reason = chunk.finish.reason
+        response.finish_reason = common_pb2.FinishReason.Value(chunk.finish.reason)
         response.usage.prompt_tokens = chunk.finish.prompt_tokens
         response.usage.generated_tokens = chunk.finish.generated_tokens
         response.stop_sequence = chunk.finish.stop_sequence
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, completions: Completions) -> None:
-        self.completions = completions
-        # Set while the upstreams are known to disagree (a restarted upstream serving another model).
-        self.refusal: str | None = None
+    def __init__(self, pipeline: CompletionPipeline, state: Callable[[], UpstreamState]) -> None:
+        self.pipeline = pipeline
+        self.state = state
 
-    def _check_open(self) -> None:
-        if self.refusal:
-            raise Unavailable(self.refusal)
+    def _open_state(self) -> UpstreamState:
+        """The upstream state this call uses; UNAVAILABLE while the upstreams are known to disagree
+        (a restarted upstream serving another model)."""
+        state = self.state()
+        if state.refusal:
+            raise Unavailable(state.refusal)
+        return state
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> gateway_pb2.GenerateResponse:
-        self._check_open()
+        self._open_state()
         response = gateway_pb2.GenerateResponse()
-        async for chunk in self.completions.stream(completion_request(request), context.time_remaining()):
+        async for chunk in self.pipeline.stream(completion_request(request), context.time_remaining()):
             fill(response, chunk)
         return response
 
     async def GenerateStream(self, request: gateway_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateStreamResponse]:
-        self._check_open()
-        async for chunk in self.completions.stream(completion_request(request), context.time_remaining()):
+        self._open_state()
+        async for chunk in self.pipeline.stream(completion_request(request), context.time_remaining()):
             response = gateway_pb2.GenerateStreamResponse()
             fill(response, chunk)
             yield response
 
     async def Tokenize(self, request: gateway_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> gateway_pb2.TokenizeResponse:
-        self._check_open()
+        state = self._open_state()
         validate_input(request.text, messages_of(request.messages), text_field="text")
         plain = CompletionRequest(prompt=request.text, messages=messages_of(request.messages))
-        token_ids = await self.completions.prompt_token_ids(plain, Deadline(context.time_remaining()))
+        token_ids = await self.pipeline.prompt_token_ids(plain, state, Deadline(context.time_remaining()))
         return gateway_pb2.TokenizeResponse(token_ids=token_ids)
 
     async def GetInfo(self, request: gateway_pb2.GetInfoRequest,
                       context: grpc.aio.ServicerContext) -> gateway_pb2.GetInfoResponse:
-        model, tokenizer = await asyncio.gather(self.completions.model.info(), self.completions.tokenizer.info())
-        return gateway_pb2.GetInfoResponse(model=model, tokenizer=tokenizer)
+        model, tokenizer = await asyncio.gather(self.pipeline.model.info(), self.pipeline.tokenizer.info())
+        # The upstreams' own replies, relayed whole: fields added to them reach the caller unchanged.
+        return gateway_pb2.GetInfoResponse(model=model_pb2.GetModelInfoResponse.FromString(model.message),
+                                           tokenizer=tokenizer_pb2.GetTokenizerInfoResponse.FromString(tokenizer.message))

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llama_grpc_runtime.health import is_serving
 
 GRACE_SECONDS = 30.0
 NAMES = ("tokenizer", "model", "gateway")
@@ -127,11 +128,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def serving(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return is_serving(channel, timeout=1)
 
 
 def banner(args: argparse.Namespace) -> str:

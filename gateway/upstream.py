@@ -17,21 +17,20 @@ import asyncio
 import ipaddress
 import json
 import socket
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_grpc_runtime.context import outgoing_metadata
 from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_runtime.health import is_serving_async
 from llama_grpc_runtime.server import MAX_MESSAGE_BYTES
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+from .interfaces import Candidate, Deadline, ModelChunk, ModelInfo, TokenizerInfo
 from .request import ChatMessage, CompletionRequest
 
 SERVICE_CONFIG = json.dumps({
@@ -93,18 +92,6 @@ def _resolve(hostport: str) -> tuple[str, str]:
     return "ipv4", f"{ip}:{port}"
 
 
-class Deadline:
-    """What is left of the caller's deadline, for each upstream call (None: no deadline)."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self._at = None if seconds is None else time.monotonic() + seconds
-
-    def remaining(self) -> float | None:
-        if self._at is None:
-            return None
-        return max(self._at - time.monotonic(), 0.001)
-
-
 class Upstream:
     """One upstream service: its channel, its name in error messages, its health."""
 
@@ -112,7 +99,6 @@ class Upstream:
         self.name = name
         self.address = address
         self.channel = grpc.aio.insecure_channel(channel_target(address), options=CHANNEL_OPTIONS)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def unavailable(self, error: grpc.aio.AioRpcError) -> Exception:
         """UNAVAILABLE naming this upstream; other statuses pass through unchanged."""
@@ -122,34 +108,10 @@ class Upstream:
         return error
 
     async def healthy(self, timeout: float = 1.0) -> bool:
-        try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return await is_serving_async(self.channel, timeout=timeout)
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-@dataclass
-class Candidate:
-    token_id: int
-    logprob: float
-    text: str = ""
-
-
-@dataclass
-class ModelChunk:
-    """One message of the model service's Generate stream, as plain Python."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[list[Candidate]]
-    finish_reason: int = 0  # llama.common.v1.FinishReason value; 0 until the last message
-    generated_tokens: int = 0  # usage, last message only
-    prompt_logprobs: list[float] = field(default_factory=list)
-    prompt_top_logprobs: list[list[Candidate]] = field(default_factory=list)
 
 
 def _candidates(top_logprobs: Sequence[common_pb2.TopLogprobs]) -> list[list[Candidate]]:
@@ -161,7 +123,7 @@ class TokenizerClient(Upstream):
         super().__init__("tokenizer service", address)
         self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
-        self.add_bos = True  # what the tokenizer's files say (GetTokenizerInfo.add_bos_token), once known
+        self._info = b""  # the last GetTokenizerInfo reply: another one means another vocabulary
 
     async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
         try:
@@ -169,10 +131,8 @@ class TokenizerClient(Upstream):
         except grpc.aio.AioRpcError as error:
             raise self.unavailable(error) from None
 
-    async def encode(self, text: str, deadline: Deadline) -> list[int]:
-        """Text completion prompt: BOS first, as the reference's ``text_completion`` does, where the
-        model's files ask for it (Llama 3 does; SmolLM2's GGUF says add_bos_token false, as HF does)."""
-        request = tokenizer_pb2.EncodeRequest(text=text, add_bos=self.add_bos)
+    async def encode(self, text: str, add_bos: bool, deadline: Deadline) -> list[int]:
+        request = tokenizer_pb2.EncodeRequest(text=text, add_bos=add_bos)
         reply = await self._call(self.stub.Encode, request, deadline)
         return list(reply.token_ids)
 
@@ -183,26 +143,29 @@ class TokenizerClient(Upstream):
         )
         return list((await self._call(self.stub.ApplyChatTemplate, request, deadline)).token_ids)
 
-    async def decode(self, token_ids: Sequence[int], deadline: Deadline, *, skip_special_tokens: bool = False) -> str:
-        request = tokenizer_pb2.DecodeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+    async def decode(self, token_ids: Sequence[int], deadline: Deadline) -> str:
+        request = tokenizer_pb2.DecodeRequest(token_ids=token_ids)
         return (await self._call(self.stub.Decode, request, deadline)).text
 
     async def token_texts(self, token_ids: Sequence[int], deadline: Deadline) -> dict[int, str]:
         """Each id's own text (cached: the vocabulary is fixed while the tokenizer is up)."""
-        missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in self._token_text]
-        texts = await asyncio.gather(*(self.decode([token_id], deadline) for token_id in missing))
-        self._token_text.update(zip(missing, texts, strict=True))
-        return {token_id: self._token_text[token_id] for token_id in token_ids}
-
-    def forget_token_texts(self) -> None:
-        """The tokenizer restarted, maybe with another vocabulary."""
-        self._token_text.clear()
+        cache = self._token_text
+        missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in cache]
+        texts = dict(zip(missing, await asyncio.gather(*(self.decode([token_id], deadline) for token_id in missing)),
+                         strict=True))
+        cache.update(texts)
+        return {token_id: texts[token_id] if token_id in texts else cache[token_id] for token_id in token_ids}
 
     def decode_stream(self, deadline: Deadline) -> DecodeStream:
         return DecodeStream(self, deadline)
 
-    async def info(self) -> tokenizer_pb2.GetTokenizerInfoResponse:
-        return await self._call(self.stub.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest(), Deadline(5.0))
+    async def info(self) -> TokenizerInfo:
+        reply = await self._call(self.stub.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest(), Deadline(5.0))
+        message = reply.SerializeToString(deterministic=True)
+        if message != self._info:  # a restarted tokenizer, maybe with another vocabulary
+            self._info, self._token_text = message, {}
+        return TokenizerInfo(name=reply.name, vocab_size=reply.vocab_size, stop_token_ids=tuple(reply.stop_token_ids),
+                             add_bos_token=reply.add_bos_token, message=message)
 
 
 class DecodeStream:
@@ -253,12 +216,14 @@ class ModelClient(Upstream):
         super().__init__("model service", address)
         self.stub = model_pb2_grpc.ModelServiceStub(self.channel)
 
-    async def info(self) -> model_pb2.GetModelInfoResponse:
+    async def info(self) -> ModelInfo:
         try:
-            return await self.stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=5.0,
-                                                metadata=outgoing_metadata())
+            reply = await self.stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=5.0,
+                                                 metadata=outgoing_metadata())
         except grpc.aio.AioRpcError as error:
             raise self.unavailable(error) from None
+        return ModelInfo(model_name=reply.model_name, vocab_size=reply.vocab_size, max_seq_len=reply.max_seq_len,
+                         stop_token_ids=tuple(reply.stop_token_ids), message=reply.SerializeToString())
 
     def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
                  extra_stop_token_ids: Sequence[int], deadline: Deadline) -> ModelStream:
@@ -294,7 +259,7 @@ class ModelStream:
                     token_ids=list(reply.token_ids),
                     logprobs=list(reply.logprobs),
                     top_logprobs=_candidates(reply.top_logprobs),
-                    finish_reason=reply.finish_reason,
+                    finish_reason=common_pb2.FinishReason.Name(reply.finish_reason) if reply.finish_reason else "",
                     generated_tokens=reply.usage.generated_tokens,
                     prompt_logprobs=list(reply.prompt_logprobs),
                     prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),

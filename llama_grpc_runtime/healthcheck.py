@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .health import SERVING, health_status, status_name
 
 DEFAULT_PORTS = {"tokenizer": 50051, "model": 50052, "gateway": 50050}
 
@@ -50,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     args.tls_cert = args.tls_cert or os.environ.get(f"{prefix}_TLS_CERT")
     try:
         with _channel(args) as channel:
-            request = health_pb2.HealthCheckRequest(service=args.name)
-            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+            status = health_status(channel, args.name, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"{args.service} {args.host}:{args.port}: {exc.code().name} {exc.details()}", file=sys.stderr)
         return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.service} {args.host}:{args.port}: {status}")
-    return 0 if args.alive or reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(f"{args.service} {args.host}:{args.port}: {status_name(status)}")
+    return 0 if args.alive or status == SERVING else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llama_grpc_runtime.health import is_serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,16 +46,11 @@ class ServiceProcess:
     def wait_healthy(self, timeout: float = 120.0, service: str = "") -> ServiceProcess:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log_text()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
+                if is_serving(channel, service, timeout=1):
+                    return self
                 time.sleep(0.1)
         raise TimeoutError(f"{self.module} not healthy after {timeout}s:\n{self.log_text()}")
 
