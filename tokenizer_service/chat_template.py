@@ -6,18 +6,32 @@ cannot reach Python internals. The rendered text is then encoded so that only th
 special-token text becomes special tokens: each message's content is wrapped in two private-use
 marker characters before rendering, and special-token text between a pair of markers is encoded as
 ordinary text. A user who types ``<|im_end|>`` gets the tokens of those characters, never id 2.
+
+A template comes from a model file, which may be hostile: besides the sandbox, a render has a budget
+(``RENDER_SECONDS`` of Python time; no string, list or output longer than ``RENDER_CHARS`` plus four
+characters per character of input; no number argument above ``MAX_TEMPLATE_INT``), checked before
+an operation allocates where it can be (``*``, ``**``, ``+``, ``~``, ``replace``, widths) and on
+every template line and Python call otherwise. Over budget is an ``InvalidArgument`` naming it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.nodes import Concat, EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama_grpc_runtime.errors import InvalidArgument
@@ -27,8 +41,138 @@ if TYPE_CHECKING:
     from .tokenizer import ChatPrompt, Tokenizer
 
 
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 1 << 20  # + 4 per input character: the longest string, list or rendering allowed
+MAX_TEMPLATE_INT = 100_000  # largest number a template may pass to a call or filter (Jinja's MAX_RANGE)
+
+
 class TemplateRefusal(jinja2.TemplateError):
     """``raise_exception("...")`` in a template: the messages break the template's rules."""
+
+
+class TemplateBudgetExceeded(jinja2.TemplateError):
+    """The template used more time or memory than a chat prompt can need."""
+
+
+class _Budget:
+    """Per render, per thread: a deadline checked on each template line and Python call, and a size
+    limit checked before the operations that can grow a value by a large factor."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float, chars: int) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.chars = chars
+
+    @classmethod
+    def current(cls) -> _Budget | None:
+        return getattr(cls._current, "budget", None)
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateBudgetExceeded(f"rendering took more than {self.seconds:g} s")
+
+    def check_size(self, size: int, what: str) -> None:
+        if size > self.chars:
+            raise TemplateBudgetExceeded(f"{what} of {size} items is more than the limit of {self.chars}")
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> Callable | None:
+        self.check_time()
+        return self._trace_lines if frame.f_code.co_filename == "<template>" else None
+
+    def _trace_lines(self, frame: Any, event: str, arg: Any) -> Callable | None:
+        if event == "line":
+            self.check_time()
+        return self._trace_lines
+
+    def __enter__(self) -> _Budget:
+        self._previous_trace = sys.gettrace()
+        self._current.budget = self
+        sys.settrace(self._trace)  # this thread only
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.settrace(self._previous_trace)
+        self._current.budget = None
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | bytes | list | tuple | dict) else 0
+
+
+def _check_ints(args: tuple, kwargs: dict) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_INT:
+            raise TemplateBudgetExceeded(f"number {value} is larger than the limit of {MAX_TEMPLATE_INT}")
+
+
+def _check_result(value: Any, what: str) -> Any:
+    if (budget := _Budget.current()) is not None:
+        budget.check_size(_size(value), what)
+    return value
+
+
+def _predicted_size(op: str, left: Any, right: Any) -> int:
+    """The length ``left op right`` would have, computed without building it."""
+    if op == "*":
+        for sequence, times in ((left, right), (right, left)):
+            if _size(sequence) and isinstance(times, int):
+                return _size(sequence) * max(times, 0)
+    if op == "+":
+        return _size(left) + _size(right)
+    if op == "**" and isinstance(left, int | float) and isinstance(right, int | float):
+        digits = abs(right) * max(abs(left), 2).bit_length() / 3.3 if abs(left) > 1 else 0
+        return int(digits)  # a huge power is a huge number: as costly as a huge string
+    return 0
+
+
+def _checked_filter(name: str, function: Callable) -> Callable:
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_ints(args, kwargs)
+        values = [arg for arg in args if not isinstance(arg, EvalContext | Context)]
+        if name == "replace" and len(values) >= 3 and (budget := _Budget.current()) is not None:
+            text, old, new = (str(value) for value in values[:3])
+            budget.check_size(len(text) + (len(text) + 1) * max(len(new) - len(old), 0), "replace result")
+        return _check_result(function(*args, **kwargs), f"{name} result")
+
+    return checked
+
+
+def _checked_concat(parts: tuple) -> str:
+    if (budget := _Budget.current()) is not None:
+        budget.check_size(sum(len(str(part)) for part in parts), "~ result")
+    return "".join(map(str, parts))
+
+
+class _BudgetedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node: Concat, frame: Frame) -> None:  # ``a ~ b``: size checked first
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _BudgetedCodeGenerator
+    intercepted_binops = frozenset({"*", "**", "+"})
+    checked_concat = staticmethod(_checked_concat)
+    _binops = {"*": operator.mul, "**": operator.pow, "+": operator.add}
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if (budget := _Budget.current()) is not None:
+            budget.check_size(_predicted_size(op, left, right), f"{op} result")
+        return self._binops[op](left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_ints(args, kwargs)
+        if getattr(__obj, "__name__", "") == "replace" and isinstance(getattr(__obj, "__self__", None), str) \
+                and len(args) >= 2 and (budget := _Budget.current()) is not None:
+            text, old, new = __obj.__self__, str(args[0]), str(args[1])
+            budget.check_size(len(text) + (len(text) + 1) * max(len(new) - len(old), 0), "replace result")
+        return _check_result(super().call(__context, __obj, *args, **kwargs), "call result")
 
 
 def _raise_exception(message: str) -> None:
@@ -46,8 +190,10 @@ def _strftime_now(format: str) -> str:
 
 
 def template_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _checked_filter(name, function) for name, function in env.filters.items()}
+    env.globals.pop("lipsum", None)  # unbounded text generator; no chat template uses it
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -79,9 +225,19 @@ class JinjaChatFormat:
         self.special_names = {token_id: text for text, token_id in tokenizer.special_tokens.items()}
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        input_chars = sum(len(message["role"]) + len(message["content"]) for message in messages)
+        budget = _Budget(RENDER_SECONDS, RENDER_CHARS + 4 * input_chars)
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.variables)
+            with budget:
+                pieces, size = [], 0
+                for piece in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                    tools=None, documents=None, **self.variables):
+                    size += len(piece)
+                    budget.check_size(size, "rendered prompt")
+                    pieces.append(piece)
+                return "".join(pieces)
+        except (TemplateBudgetExceeded, RecursionError, MemoryError) as exc:
+            raise InvalidArgument("messages", f"the model's chat template exceeded its budget on them: {exc}") from exc
         except TemplateRefusal as exc:
             raise InvalidArgument("messages", f"the model's chat template refused them: {exc}") from exc
         except jinja2.TemplateError as exc:  # SecurityError, UndefinedError, ...: still about these messages

@@ -152,3 +152,46 @@ def test_unknown_role_and_no_messages(smollm: Tokenizer) -> None:
     with pytest.raises(InvalidArgument) as caught:
         smollm.apply_chat_template([])
     assert caught.value.field == "messages"
+
+
+@pytest.mark.parametrize("template", [
+    # CVE-2024-56326 and CVE-2025-27516 (fixed in jinja2 3.1.5 / 3.1.6): str.format reached indirectly.
+    "{{ '{0.__class__.__init__.__globals__}' | attr('format')(cycler) }}",
+    "{% set f = '{0.__init__.__globals__}'.format %}{{ f(cycler) }}",
+])
+def test_format_string_escapes_of_old_jinja_are_closed(smollm_path: Path, template: str) -> None:
+    tokenizer = _with_template(smollm_path, template)
+    with pytest.raises(InvalidArgument, match="chat template failed"):
+        tokenizer.apply_chat_template([("user", "hi")])
+
+
+@pytest.mark.timeout(60)  # without the budget each of these runs for hours or exhausts memory
+@pytest.mark.parametrize(("template", "reason"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}", "rendered prompt"),
+    ("{{ 'x' * 10000000000 }}", "* result"),
+    ("{{ [1] * 100000 * 100000 }}", "* result"),
+    ("{{ 9 ** (9 ** 9) }}", "** result"),
+    ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "~ result"),
+    ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "+ result"),
+    ("{{ 'x' | center(10000000000) }}", "larger than the limit"),
+    ("{{ 'x'.ljust(10000000000) }}", "larger than the limit"),
+    ("{{ ('x' * 100000) | replace('x', 'x' * 100000) }}", "replace result"),
+    ("{{ ('x' * 100000).replace('x', 'x' * 100000) }}", "replace result"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursion"),
+])
+def test_hostile_templates_fail_within_the_budget(smollm_path: Path, template: str, reason: str) -> None:
+    tokenizer = _with_template(smollm_path, template)
+    with pytest.raises(InvalidArgument, match="chat template exceeded its budget") as caught:
+        tokenizer.apply_chat_template([("user", "hi")])
+    assert reason in str(caught.value)
+    assert caught.value.field == "messages"
+
+
+def test_the_budget_admits_real_templates_on_long_input(smollm: Tokenizer) -> None:
+    """The embedded model's own template on 200k characters stays far inside the budget."""
+    content = "lorem ipsum dolor sit amet " * 8000
+    prompt = smollm.apply_chat_template([("system", content), ("user", content)])
+    assert prompt.text.count(content) == 2
