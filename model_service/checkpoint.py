@@ -8,10 +8,11 @@ shard, one tensor at a time: peak memory stays near one copy of the (local) weig
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -99,6 +100,30 @@ class CheckpointReader:
         return self.read(name, dim, 0, 0 if dim is None else self.shape(name)[dim])
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.pth`` file through ``weights_only`` unpickling: tensors and plain containers only, so a
+    crafted pickle cannot run code; anything else is refused naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} holds objects other than tensors; refusing to unpickle it (weights_only): "
+                         f"{first_line[:300]}") from None
+
+
+def weight_file_in(directory: Path, name: str, source: Path) -> Path:
+    """``directory / name`` for a file name read from ``source`` (an index), refused when the name
+    leads outside ``directory`` (absolute, ``..``, a drive). Symlinks inside are followed, as the
+    Hugging Face cache's snapshot directories need."""
+    if not isinstance(name, str):
+        raise ValueError(f"{source} names weight file {name!r}, which is not a file name")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if (not name or "\x00" in name or posix.is_absolute() or windows.drive or windows.root
+            or ".." in posix.parts or ".." in windows.parts):
+        raise ValueError(f"{source} names weight file {name[:200]!r}, which is outside {directory}; refusing it")
+    return directory / name
+
+
 def _narrow(tensor: torch.Tensor, dim: int | None, start: int, end: int) -> torch.Tensor:
     return tensor if dim is None else tensor.narrow(dim, start, end - start)
 
@@ -114,7 +139,7 @@ class MetaReader(CheckpointReader):
         if not files:
             raise FileNotFoundError(f"{path} has params.json but no consolidated.NN.pth weight files")
         # mmap: tensors stay in the page cache until a shard is cut from them, so N files cost no RAM.
-        self.shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+        self.shards = [_load_tensors(f) for f in files]
         args = ModelArgs.from_params_json(path / "params.json")
         if args.vocab_size <= 0:  # Meta's params.json may say -1: the tokenizer decides
             args = replace(args, vocab_size=self.shape("tok_embeddings.weight")[0])
@@ -214,7 +239,9 @@ class HFReader(CheckpointReader):
         index = path / "model.safetensors.index.json"
         if index.exists():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = sorted(set(weight_map.values()), key=str)
+            for name in files:
+                weight_file_in(path, name, index)
             missing = [f for f in files if not (path / f).exists()]
             if missing:
                 raise FileNotFoundError(f"{index} lists {len(missing)} missing file(s), e.g. {path / missing[0]}")

@@ -210,3 +210,55 @@ def test_loading_peaks_near_one_copy_of_the_weights(fmt, tmp_path):
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, check=True)
     growth_kb = int(out.stdout.split()[-1])
     assert 0.5 * weight_kb < growth_kb < 1.3 * weight_kb, f"peak grew {growth_kb / weight_kb:.2f}x the weights"
+
+
+# ---- hostile files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors",
+                                  "..\\x.safetensors", "C:\\x.safetensors", "\\\\server\\share\\x.safetensors"])
+def test_index_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, name):
+    sharded = write_checkpoint(tmp_path / "ckpt" / "sharded", "hf", preset="tiny", max_shard_bytes=100_000)
+    # The file exists where the name points: only the name's escape can be the reason for refusing it.
+    shutil.copy(next(sharded.glob("model-*.safetensors")), tmp_path / "ckpt" / "outside.safetensors")
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json names weight file .* outside"):
+        build(sharded, max_batch_size=1, max_seq_len=8)
+
+
+def test_symlinked_weight_files_load_as_in_the_hugging_face_cache(tiny_checkpoints, tmp_path):
+    """The hub cache's snapshot holds symlinks into ../../blobs: followed, not refused."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    shutil.copytree(tiny_checkpoints["hf"], blobs)
+    snapshot.mkdir(parents=True)
+    for file in blobs.iterdir():
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / file.name)
+    assert torch.equal(prompt_logits(snapshot), prompt_logits(tiny_checkpoints["hf"]))
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious .pth file does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_pickle_is_refused_without_running_it(tiny_checkpoints, tmp_path):
+    meta = copy(tiny_checkpoints["meta"], tmp_path / "meta")
+    marker = tmp_path / "pwned"
+    weights = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    torch.save({**weights, "payload": _RunsCode(marker)}, meta / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth holds objects other than tensors; refusing"):
+        build(meta, max_batch_size=1, max_seq_len=8)
+    assert not marker.exists()
+    # The same file through plain pickle semantics would have run the payload: the test's file is real.
+    torch.load(meta / "consolidated.00.pth", weights_only=False)
+    assert marker.exists()
