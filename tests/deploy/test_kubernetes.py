@@ -156,6 +156,67 @@ BREAKAGES = {
                                           "  maxUnavailable: 1\n  selector:\n    matchLabels:\n"
                                           "      app.kubernetes.io/name: llama-grpc\n      app.kubernetes.io/component: modle",
                                           "selects [], not one Deployment"),
+    "tokenizer open to every pod": ("base/network-policy.yaml", """  ingress:
+    - from:
+        - podSelector:
+            matchLabels:
+              app.kubernetes.io/name: llama-grpc
+              app.kubernetes.io/component: gateway
+      ports:
+        - port: grpc
+""", """  ingress:
+    - ports:
+        - port: grpc
+""", "llama-tokenizer: NetworkPolicy llama-tokenizer lets pods other than the gateway reach its gRPC port"),
+    "model reachable from another namespace": ("base/network-policy.yaml", """        - podSelector:
+            matchLabels:
+              app.kubernetes.io/name: llama-grpc
+              app.kubernetes.io/component: gateway
+      ports:
+        - port: grpc
+    - from:
+        - namespaceSelector: {}
+      ports:
+        - port: metrics
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: llama-gateway""", """        - podSelector:
+            matchLabels:
+              app.kubernetes.io/name: llama-grpc
+              app.kubernetes.io/component: gateway
+          namespaceSelector: {}
+      ports:
+        - port: grpc
+    - from:
+        - namespaceSelector: {}
+      ports:
+        - port: metrics
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: llama-gateway""", "llama-model: NetworkPolicy llama-model lets pods other than the gateway"),
+    "metrics on the client-facing Service": ("base/gateway.yaml", """      targetPort: grpc
+# Metrics stay off""", """      targetPort: grpc
+    - name: metrics
+      port: 9090
+      targetPort: metrics
+# Metrics stay off""", "exposes ['grpc', 'metrics']"),
+    "upstream without a client certificate requirement": ("components/tls/kustomization.yaml",
+                                                          "      - LLAMA_MODEL_TLS_CLIENT_CA=/etc/llama-grpc/tls/ca.crt\n",
+                                                          "", "where llama-model requires one"),
+    "gateway dials an upstream in plaintext": ("components/tls/kustomization.yaml",
+                                               "      - LLAMA_GATEWAY_UPSTREAM_TLS_CA=/etc/llama-grpc/upstream-tls/ca.crt\n",
+                                               "", "one side speaks TLS, the other plaintext"),
+    "gateway presents the wrong token": ("components/tls/kustomization.yaml",
+                                         "LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE=/etc/llama-grpc/tokens/upstream-tokens",
+                                         "LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE=/etc/llama-grpc/tokens/gateway-tokens",
+                                         "presents the token in ('llama-grpc-tokens', 'gateway-tokens')"),
+    "token file not mounted": ("components/tls/upstream-tls.yaml", "    mountPath: /etc/llama-grpc/tokens\n",
+                               "    mountPath: /etc/llama-grpc/token\n",
+                               "LLAMA_TOKENIZER_AUTH_TOKEN_FILE=/etc/llama-grpc/tokens/upstream-tokens is in no Secret"),
 }
 
 
@@ -166,6 +227,26 @@ def test_consistency_checks_bite(tmp_path: Path, breakage: str) -> None:
     components = ["tls"] if relative.startswith("components/tls") else []
     problems = k8s_problems(render(variant_dir(k8s, "broken", "gpu", components)))
     assert any(expected in problem for problem in problems), problems
+
+
+def test_tls_variant_secures_every_hop(tmp_path: Path) -> None:
+    """With components/tls every server serves TLS from a Secret, tokenizer and model require client
+    certificates and tokens, and the gateway dials them with its own certificate and their token."""
+    k8s = overlay_with_components(copy_repo_files(tmp_path) / "deploy" / "k8s", "tls", "cpu-demo",
+                                  ["tls"])
+    docs = render(k8s)
+    assert k8s_problems(docs) == []
+    config = next(doc["data"] for doc in docs if doc["kind"] == "ConfigMap")
+    for service in ("TOKENIZER", "MODEL", "GATEWAY"):
+        assert config[f"LLAMA_{service}_TLS_CERT"] and config[f"LLAMA_{service}_AUTH_TOKEN_FILE"]
+    for service in ("TOKENIZER", "MODEL"):
+        assert config[f"LLAMA_{service}_TLS_CLIENT_CA"]
+    for setting in ("UPSTREAM_TLS_CA", "UPSTREAM_TLS_CERT", "UPSTREAM_TLS_KEY", "UPSTREAM_AUTH_TOKEN_FILE"):
+        assert config[f"LLAMA_GATEWAY_{setting}"]
+    secrets = {volume["secret"]["secretName"] for doc in docs if doc["kind"] == "Deployment"
+               for volume in doc["spec"]["template"]["spec"]["volumes"] if "secret" in volume}
+    assert secrets == {"llama-grpc-tls", "llama-grpc-tokenizer-tls", "llama-grpc-model-tls",
+                       "llama-grpc-gateway-client-tls", "llama-grpc-tokens"}
 
 
 def test_consistency_check_bites_when_gpus_and_tp_are_set_apart(tmp_path: Path) -> None:

@@ -188,10 +188,121 @@ def k8s_problems(docs: list[dict[str, Any]]) -> list[str]:
                     problems.append(f"{where}: has GPUs but LLAMA_MODEL_DEVICE={settings.get('LLAMA_MODEL_DEVICE')}")
             elif gpus is not None:
                 problems.append(f"{where}: only the model service uses GPUs")
+            problems += _file_setting_problems(where, prefix, settings, container, volumes)
+            if settings.get(f"{prefix}_TLS_CERT"):
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if "grpc" in (container.get(kind) or {}):
+                        problems.append(f"{where}: {kind} is a plaintext grpc probe but the server speaks TLS")
         if "gateway" in name:
             for upstream in ("tokenizer", "model"):
                 problems += _upstream_problems(name, settings, upstream, services, deployments)
+                if f"llama-{upstream}" in deployments:
+                    problems += _upstream_security_problems(docs, deployment, deployments[f"llama-{upstream}"], upstream)
     problems += _autoscaling_problems(docs, deployments)
+    problems += _network_problems(docs, deployments, services)
+    return problems
+
+
+# Settings that name a file the server reads (certificates, keys, token lists).
+_FILE_SETTING = re.compile(r"_(TLS_CERT|TLS_KEY|TLS_CLIENT_CA|UPSTREAM_TLS_CA|UPSTREAM_TLS_CERT|UPSTREAM_TLS_KEY|"
+                           r"AUTH_TOKEN_FILE|UPSTREAM_AUTH_TOKEN_FILE)$")
+
+
+def _secret_file(container: dict[str, Any], volumes: dict[str, Any], path: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file at ``path`` in ``container``, or None when no Secret provides it."""
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(directory):
+            continue
+        secret = volumes.get(mount["name"], {}).get("secret")
+        if secret is None:
+            return None
+        name = path[len(directory):]
+        items = secret.get("items")
+        if items is not None:
+            keys = {item["path"]: item["key"] for item in items}
+            return (secret["secretName"], keys[name]) if name in keys else None
+        return secret["secretName"], name
+    return None
+
+
+def _file_setting_problems(where: str, prefix: str, settings: dict[str, str], container: dict[str, Any],
+                           volumes: dict[str, Any]) -> list[str]:
+    problems = []
+    for variable, path in settings.items():
+        if variable.startswith(prefix + "_") and _FILE_SETTING.search(variable) and path:
+            if _secret_file(container, volumes, path) is None:
+                problems.append(f"{where}: {variable}={path} is in no Secret mounted into the container")
+    return problems
+
+
+def _upstream_security_problems(docs: list[dict[str, Any]], gateway: dict[str, Any], upstream: dict[str, Any],
+                                service: str) -> list[str]:
+    """The gateway speaks to an upstream the way the upstream expects: TLS with TLS, a client
+    certificate where one is required, the token the upstream accepts."""
+    gateway_env, upstream_env = _settings(docs, gateway), _settings(docs, upstream)
+    prefix, name = f"LLAMA_{service.upper()}", upstream["metadata"]["name"]
+    problems = []
+    if bool(upstream_env.get(f"{prefix}_TLS_CERT")) != bool(gateway_env.get("LLAMA_GATEWAY_UPSTREAM_TLS_CA")):
+        problems.append(f"llama-gateway: LLAMA_GATEWAY_UPSTREAM_TLS_CA={gateway_env.get('LLAMA_GATEWAY_UPSTREAM_TLS_CA')}"
+                        f" but {name} {prefix}_TLS_CERT={upstream_env.get(f'{prefix}_TLS_CERT')}: one side "
+                        "speaks TLS, the other plaintext")
+    if bool(upstream_env.get(f"{prefix}_TLS_CLIENT_CA")) != bool(gateway_env.get("LLAMA_GATEWAY_UPSTREAM_TLS_CERT")):
+        problems.append(f"llama-gateway: presents a client certificate "
+                        f"({gateway_env.get('LLAMA_GATEWAY_UPSTREAM_TLS_CERT')}) where {name} requires one "
+                        f"({prefix}_TLS_CLIENT_CA={upstream_env.get(f'{prefix}_TLS_CLIENT_CA')}): they must go together")
+    accepted_path = upstream_env.get(f"{prefix}_AUTH_TOKEN_FILE")
+    presented_path = gateway_env.get("LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE")
+    if bool(accepted_path) != bool(presented_path):
+        problems.append(f"llama-gateway: LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE={presented_path} but {name} "
+                        f"{prefix}_AUTH_TOKEN_FILE={accepted_path}: a token is required and not sent, or sent to no one")
+    elif accepted_path:
+        pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in (gateway, upstream)}
+        presented = _secret_file(pods["llama-gateway"]["containers"][0], {v["name"]: v for v in pods[
+            "llama-gateway"].get("volumes", [])}, presented_path)
+        accepted = _secret_file(pods[name]["containers"][0], {v["name"]: v for v in pods[name].get("volumes", [])},
+                                accepted_path)
+        if presented != accepted:
+            problems.append(f"llama-gateway: presents the token in {presented} but {name} accepts those in {accepted}")
+    return problems
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def _network_problems(docs: list[dict[str, Any]], deployments: dict[str, Any], services: dict[str, Any]) -> list[str]:
+    """Only gateway pods reach tokenizer and model gRPC; metrics stay off the client-facing Service."""
+    problems = []
+    policies = [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
+    gateway_labels = deployments.get("llama-gateway", {}).get("spec", {}).get("template", {}).get(
+        "metadata", {}).get("labels", {})
+    for upstream in ("llama-tokenizer", "llama-model"):
+        if upstream not in deployments:
+            continue
+        labels = deployments[upstream]["spec"]["template"]["metadata"]["labels"]
+        selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)
+                     and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+        if not selecting:
+            problems.append(f"{upstream}: no NetworkPolicy selects its pods: anyone may call it")
+            continue
+        for policy in selecting:
+            for rule in policy["spec"].get("ingress", []):
+                ports = [port.get("port") for port in rule.get("ports", [])]
+                if ports and "grpc" not in ports and 50051 not in ports and 50052 not in ports:
+                    continue
+                peers = rule.get("from")
+                if not peers or any("podSelector" not in peer or "namespaceSelector" in peer
+                                    or not _selects(peer["podSelector"], gateway_labels)
+                                    or not peer["podSelector"].get("matchLabels") for peer in peers):
+                    problems.append(f"{upstream}: NetworkPolicy {policy['metadata']['name']} lets pods other than "
+                                    f"the gateway reach its gRPC port: {rule}")
+    client_facing = services.get("llama-gateway")
+    if client_facing:
+        exposed = [port.get("name") for port in client_facing["spec"]["ports"]]
+        if exposed != ["grpc"]:
+            problems.append(f"llama-gateway Service (client-facing) exposes {exposed}, not only grpc (metrics must "
+                            "not be reachable through it)")
     return problems
 
 
