@@ -15,6 +15,7 @@ import time
 
 import structlog
 
+from llama_grpc_runtime.auth import TokenFile
 from llama_grpc_runtime.flags import server_parser
 from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
@@ -25,7 +26,7 @@ from .metrics import gateway_metrics
 from .request import Limits
 from .servicer import GatewayServicer
 from .state import UpstreamState, agreed_state
-from .upstream import ModelClient, TokenizerClient, channel_target
+from .upstream import ModelClient, TokenizerClient, UpstreamSecurity, channel_target
 
 log = structlog.get_logger()
 
@@ -41,14 +42,28 @@ def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespa
     parser.add_flag("--max-stop-sequences", type=int, default=16, help="most stop sequences per request")
     parser.add_flag("--max-stop-sequence-chars", type=int, default=256, help="longest stop sequence (characters)")
     parser.add_flag("--health-interval", type=float, default=1.0, help="seconds between upstream health checks")
+    parser.add_flag("--upstream-tls-ca", default=None,
+                    help="CA (PEM) of the tokenizer's and model's certificates: dial them over TLS")
+    parser.add_flag("--upstream-tls-cert", default=None,
+                    help="client certificate (PEM) the gateway presents to its upstreams (mutual TLS)")
+    parser.add_flag("--upstream-tls-key", default=None, help="private key (PEM) of --upstream-tls-cert")
+    parser.add_flag("--upstream-auth-token-file", default=None,
+                    help="file whose first line is the bearer token sent to the upstreams (re-read when it changes)")
     return parser.parse_args(argv)
+
+
+def upstream_security(args) -> UpstreamSecurity:  # noqa: ANN001
+    token_file = TokenFile(args.upstream_auth_token_file) if args.upstream_auth_token_file else None
+    return UpstreamSecurity(tls_ca=args.upstream_tls_ca, tls_cert=args.upstream_tls_cert,
+                            tls_key=args.upstream_tls_key, token_file=token_file)
 
 
 class Gateway:
     def __init__(self, args) -> None:  # noqa: ANN001
         self.args = args
-        self.tokenizer = TokenizerClient(args.tokenizer_address)
-        self.model = ModelClient(args.model_address)
+        security = upstream_security(args)
+        self.tokenizer = TokenizerClient(args.tokenizer_address, security)
+        self.model = ModelClient(args.model_address, security)
         self.base_limits = Limits(max_stop_sequences=args.max_stop_sequences,
                                   max_stop_sequence_chars=args.max_stop_sequence_chars)
         # Replaced whole by the health monitor; each request reads it once.
@@ -136,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         channel_target(args.model_address)
     except (ValueError, OSError) as error:
         print(f"gateway: bad upstream address: {error}", file=sys.stderr)
+        return 2
+    try:
+        upstream_security(args).credentials()
+    except (ValueError, OSError) as error:
+        print(f"gateway: bad upstream TLS or token settings: {error}", file=sys.stderr)
         return 2
     return asyncio.run(serve(args))
 

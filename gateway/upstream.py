@@ -9,6 +9,10 @@ within a couple of seconds without restarting the gateway. The model channel bal
 round-robin over every address it is given (a comma-separated list, or all the addresses a
 ``dns:///`` name resolves to) and, with client-side health checking, skips replicas that report
 NOT_SERVING (loading or draining).
+
+``UpstreamSecurity`` makes the channels TLS (``--upstream-tls-ca``), mutual TLS (``--upstream-tls-cert``
+and ``--upstream-tls-key``: the gateway's client certificate) and adds the gateway's bearer token
+(``--upstream-auth-token-file``, its first line, re-read when the file changes) to every call.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import ipaddress
 import json
 import socket
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from llama_grpc_runtime.auth import TokenFile, bearer
 from llama_grpc_runtime.context import outgoing_metadata
 from llama_grpc_runtime.errors import Unavailable
 from llama_grpc_runtime.health import is_serving_async
@@ -92,13 +99,48 @@ def _resolve(hostport: str) -> tuple[str, str]:
     return "ipv4", f"{ip}:{port}"
 
 
+@dataclass(frozen=True)
+class UpstreamSecurity:
+    """How the gateway authenticates to its upstreams and checks them (all optional)."""
+
+    tls_ca: str | None = None  # CA that signed the upstreams' certificates; TLS when set
+    tls_cert: str | None = None  # the gateway's client certificate (mTLS), with tls_key
+    tls_key: str | None = None
+    token_file: TokenFile | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--upstream-tls-cert and --upstream-tls-key go together")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("--upstream-tls-cert needs --upstream-tls-ca (the CA of the upstreams' certificates)")
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls_ca:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.tls_ca).read_bytes(),
+            private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
+            certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None)
+
+
 class Upstream:
     """One upstream service: its channel, its name in error messages, its health."""
 
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, security: UpstreamSecurity | None = None) -> None:
         self.name = name
         self.address = address
-        self.channel = grpc.aio.insecure_channel(channel_target(address), options=CHANNEL_OPTIONS)
+        self.security = security or UpstreamSecurity()
+        credentials = self.security.credentials()
+        target = channel_target(address)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) if credentials
+                        else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Request id (and what else the caller's context carries), plus the gateway's token."""
+        metadata = tuple(outgoing_metadata())
+        if self.security.token_file is not None:
+            metadata += (bearer(self.security.token_file.first()),)
+        return metadata
 
     def unavailable(self, error: grpc.aio.AioRpcError) -> Exception:
         """UNAVAILABLE naming this upstream; other statuses pass through unchanged."""
@@ -119,15 +161,15 @@ def _candidates(top_logprobs: Sequence[common_pb2.TopLogprobs]) -> list[list[Can
 
 
 class TokenizerClient(Upstream):
-    def __init__(self, address: str) -> None:
-        super().__init__("tokenizer service", address)
+    def __init__(self, address: str, security: UpstreamSecurity | None = None) -> None:
+        super().__init__("tokenizer service", address, security)
         self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
         self._info = b""  # the last GetTokenizerInfo reply: another one means another vocabulary
 
     async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
         try:
-            return await method(request, timeout=deadline.remaining(), metadata=outgoing_metadata())
+            return await method(request, timeout=deadline.remaining(), metadata=self.metadata())
         except grpc.aio.AioRpcError as error:
             raise self.unavailable(error) from None
 
@@ -177,7 +219,7 @@ class DecodeStream:
 
     def __init__(self, client: TokenizerClient, deadline: Deadline) -> None:
         self.client = client
-        self.call = client.stub.DecodeStream(timeout=deadline.remaining(), metadata=outgoing_metadata())
+        self.call = client.stub.DecodeStream(timeout=deadline.remaining(), metadata=client.metadata())
         self._first = True
 
     async def texts(self, token_ids: Sequence[int]) -> list[str]:
@@ -212,14 +254,14 @@ class DecodeStream:
 
 
 class ModelClient(Upstream):
-    def __init__(self, address: str) -> None:
-        super().__init__("model service", address)
+    def __init__(self, address: str, security: UpstreamSecurity | None = None) -> None:
+        super().__init__("model service", address, security)
         self.stub = model_pb2_grpc.ModelServiceStub(self.channel)
 
     async def info(self) -> ModelInfo:
         try:
             reply = await self.stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=5.0,
-                                                 metadata=outgoing_metadata())
+                                                 metadata=self.metadata())
         except grpc.aio.AioRpcError as error:
             raise self.unavailable(error) from None
         return ModelInfo(model_name=reply.model_name, vocab_size=reply.vocab_size, max_seq_len=reply.max_seq_len,
@@ -241,7 +283,7 @@ class ModelClient(Upstream):
             output=common_pb2.OutputOptions(logprobs=output.logprobs, top_logprobs=output.top_logprobs,
                                             echo=output.echo),
         )
-        call = self.stub.Generate(message, timeout=deadline.remaining(), metadata=outgoing_metadata())
+        call = self.stub.Generate(message, timeout=deadline.remaining(), metadata=self.metadata())
         return ModelStream(self, call)
 
 

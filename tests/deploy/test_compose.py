@@ -11,10 +11,13 @@ import pytest
 from tests.deploy.tools import REPO, compose_config, compose_problems, copy_repo_files, settings_problems
 
 DEPLOY = REPO / "deploy"
-VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docker-compose.cpu.yml")}
+VARIANTS = {"gpu": ("docker-compose.yml",), "cpu": ("docker-compose.yml", "docker-compose.cpu.yml"),
+            "gpu-tls": ("docker-compose.yml", "docker-compose.tls.yml"),
+            "cpu-tls": ("docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.tls.yml")}
 # Unset settings that a developer's shell might carry, so the defaults in the files are what is checked.
 CLEAN_ENV = {name: "" for name in ("LLAMA_GPUS", "LLAMA_CHECKPOINT", "LLAMA_MODELS_DIR", "LLAMA_TAG",
-                                   "LLAMA_GRACE_PERIOD", "LLAMA_STOP_GRACE_PERIOD", "LLAMA_MAX_BATCH_SIZE")}
+                                   "LLAMA_GRACE_PERIOD", "LLAMA_STOP_GRACE_PERIOD", "LLAMA_MAX_BATCH_SIZE",
+                                   "LLAMA_SECRETS_DIR")}
 
 
 def config(deploy: Path, variant: str, **env: str) -> dict:
@@ -43,6 +46,22 @@ def test_gpu_variant_reserves_gpus_for_the_model_only_and_mounts_the_weights() -
         (volume,) = services[name]["volumes"]
         assert (volume["target"], volume["read_only"]) == ("/models", True)
     assert compose_problems(config(DEPLOY, "gpu", LLAMA_GPUS="2")) == []
+
+
+def test_tls_variant_secures_every_hop_from_secrets() -> None:
+    services = config(DEPLOY, "cpu-tls", LLAMA_SECRETS_DIR="/srv/llama-secrets")["services"]
+    for name, service in services.items():
+        env = service["environment"]
+        prefix = f"LLAMA_{name.upper()}"
+        assert env[f"{prefix}_TLS_CERT"].startswith("/run/secrets/") and env[f"{prefix}_AUTH_TOKEN_FILE"]
+        if name != "gateway":
+            assert env[f"{prefix}_TLS_CLIENT_CA"] == "/run/secrets/ca.crt"
+    gateway = services["gateway"]["environment"]
+    assert gateway["LLAMA_GATEWAY_UPSTREAM_TLS_CERT"] == "/run/secrets/gateway-client.crt"
+    assert gateway["LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE"] == "/run/secrets/upstream-tokens"
+    files = {secret["file"] for secret in config(DEPLOY, "cpu-tls", LLAMA_SECRETS_DIR="/srv/llama-secrets")[
+        "secrets"].values()}
+    assert all(file.startswith("/srv/llama-secrets/") for file in files)
 
 
 def test_cpu_variant_needs_no_gpu_and_no_weights() -> None:
@@ -108,4 +127,18 @@ def test_compose_config_bites_on_a_broken_override(tmp_path: Path) -> None:
 def test_consistency_checks_bite(tmp_path: Path, old: str, new: str, expected: str) -> None:
     deploy = broken(tmp_path, "docker-compose.yml", old, new)
     problems = compose_problems(config(deploy, "gpu"))
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("    secrets: [ca.crt, model.crt, model.key, upstream-tokens]", "    secrets: [ca.crt, model.crt, model.key]",
+     "model: LLAMA_MODEL_AUTH_TOKEN_FILE=/run/secrets/upstream-tokens is not one of its secrets"),
+    ("      LLAMA_MODEL_TLS_CLIENT_CA: /run/secrets/ca.crt\n", "", "a client certificate for model"),
+    ("      LLAMA_GATEWAY_UPSTREAM_TLS_CA: /run/secrets/ca.crt\n", "", "the other plaintext to tokenizer"),
+    ("LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE: /run/secrets/upstream-tokens",
+     "LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE: /run/secrets/gateway-tokens", "presents the token in secret gateway-tokens"),
+], ids=["token-not-mounted", "no-client-ca", "plaintext-upstream", "wrong-token"])
+def test_tls_consistency_checks_bite(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    deploy = broken(tmp_path, "docker-compose.tls.yml", old, new)
+    problems = compose_problems(config(deploy, "cpu-tls"))
     assert any(expected in problem for problem in problems), problems

@@ -450,6 +450,31 @@ def compose_problems(config: dict[str, Any]) -> list[str]:
                                                                str(DEFAULT_PORTS[upstream]))
         if address != f"dns:///{upstream}:{port}":
             problems.append(f"gateway: {upstream} address {address!r} is not dns:///{upstream}:{port}")
+    return problems + _compose_security_problems(services)
+
+
+def _compose_security_problems(services: dict[str, Any]) -> list[str]:
+    """Files the servers read come from the service's secrets; the gateway dials each upstream the
+    way the upstream expects (TLS, client certificate, the token it accepts)."""
+    problems = []
+    sources: dict[str, dict[str, str]] = {}  # service -> path in the container -> secret name
+    for name, service in services.items():
+        sources[name] = {secret.get("target", f"/run/secrets/{secret['source']}"): secret["source"]
+                         for secret in service.get("secrets", [])}
+        for variable, path in service.get("environment", {}).items():
+            if _FILE_SETTING.search(variable) and path and path not in sources[name]:
+                problems.append(f"{name}: {variable}={path} is not one of its secrets")
+    gateway = services["gateway"].get("environment", {})
+    for upstream in ("tokenizer", "model"):
+        env, prefix = services[upstream].get("environment", {}), f"LLAMA_{upstream.upper()}"
+        if bool(env.get(f"{prefix}_TLS_CERT")) != bool(gateway.get("LLAMA_GATEWAY_UPSTREAM_TLS_CA")):
+            problems.append(f"gateway: one side speaks TLS, the other plaintext to {upstream}")
+        if bool(env.get(f"{prefix}_TLS_CLIENT_CA")) != bool(gateway.get("LLAMA_GATEWAY_UPSTREAM_TLS_CERT")):
+            problems.append(f"gateway: a client certificate for {upstream} is required and not presented, or the reverse")
+        accepted = sources[upstream].get(env.get(f"{prefix}_AUTH_TOKEN_FILE", ""))
+        presented = sources["gateway"].get(gateway.get("LLAMA_GATEWAY_UPSTREAM_AUTH_TOKEN_FILE", ""))
+        if accepted != presented:
+            problems.append(f"gateway: presents the token in secret {presented} but {upstream} accepts those in {accepted}")
     return problems
 
 
