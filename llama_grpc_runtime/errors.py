@@ -50,10 +50,23 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+# A message may quote what the caller sent (a role, a stop sequence, an upstream's words): never more
+# than this many characters of it goes back.
+MAX_MESSAGE_CHARS = 512
+
+
+def short(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message) - limit} more characters)"
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception raised while serving."""
     if isinstance(error, ServiceError):
-        return error.code, error.message
+        return error.code, short(error.message)
     if isinstance(error, grpc.aio.AioRpcError):  # an upstream call failed: pass its status on
-        return error.code(), error.details() or error.code().name
+        return error.code(), short(error.details() or error.code().name)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {current_request_id()}); details are in the server log"

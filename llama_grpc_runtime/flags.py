@@ -37,8 +37,9 @@ class ServerArgumentParser(argparse.ArgumentParser):
         return self.add_argument(flag, **kwargs)
 
 
-def server_parser(*, service: str, description: str, port: int, metrics_port: int) -> ServerArgumentParser:
-    """The flags every server takes: where to listen, metrics, logs, shutdown, TLS."""
+def server_parser(*, service: str, description: str, port: int, metrics_port: int,
+                  max_message_bytes: int = 64 * 1024 * 1024) -> ServerArgumentParser:
+    """The flags every server takes: where to listen, metrics, logs, shutdown, TLS, tokens, limits."""
     parser = ServerArgumentParser(
         prog=f"python -m {service}_service" if service != "gateway" else "python -m gateway",
         description=description,
@@ -54,4 +55,17 @@ def server_parser(*, service: str, description: str, port: int, metrics_port: in
                     help="seconds in-flight calls get to finish after SIGTERM")
     parser.add_flag("--tls-cert", default=None, help="PEM certificate chain: serve TLS instead of plaintext")
     parser.add_flag("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_flag("--tls-client-ca", default=None,
+                    help="PEM CA: require a client certificate signed by it (mutual TLS; needs --tls-cert)")
+    parser.add_flag("--auth-token-file", default=None,
+                    help="file of accepted bearer tokens, one a line (re-read when it changes): callers send "
+                         "'authorization: Bearer <token>'; health stays open")
+    parser.add_flag("--open-reflection", action="store_true",
+                    help="serve reflection without a token (by default it follows --auth-token-file)")
+    parser.add_flag("--max-message-bytes", type=int, default=max_message_bytes,
+                    help="largest request or response message, in bytes")
+    parser.add_flag("--max-concurrent-rpcs", type=int, default=1000,
+                    help="calls served at once (health and reflection not counted); beyond: RESOURCE_EXHAUSTED")
+    parser.add_flag("--stall-timeout", type=float, default=30.0,
+                    help="seconds a stream waits for a client that stops reading before it is ended")
     return parser

@@ -3,7 +3,9 @@
 Container health checks (Docker ``HEALTHCHECK``, Compose, Kubernetes ``exec`` probes under TLS) need a
 client that is already in the image; grpc_health_probe is a separate download, this is not. The port
 and TLS settings come from the same ``LLAMA_<SERVICE>_*`` variables the server reads, so the check
-follows the server when an operator moves its port or turns TLS on.
+follows the server when an operator moves its port or turns TLS on; under mutual TLS
+(``LLAMA_<SERVICE>_TLS_CLIENT_CA``) it presents the server's own certificate and key. Health needs
+no bearer token.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     # certificate, the certificate itself.
     ca = Path(args.tls_ca) if args.tls_ca else Path(args.tls_cert).with_name("ca.crt")
     roots = (ca if ca.exists() else Path(args.tls_cert)).read_bytes()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots),
-                               options=[("grpc.ssl_target_name_override", args.tls_server_name)])
+    # Under mutual TLS the check presents the server's own certificate (issued for client use too).
+    key, chain = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()) if args.mutual else (None, None)
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", args.tls_server_name)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"LLAMA_{args.service.upper()}"
     args.port = args.port or int(os.environ.get(f"{prefix}_PORT") or DEFAULT_PORTS[args.service])
     args.tls_cert = args.tls_cert or os.environ.get(f"{prefix}_TLS_CERT")
+    args.tls_key = os.environ.get(f"{prefix}_TLS_KEY")
+    args.mutual = bool(os.environ.get(f"{prefix}_TLS_CLIENT_CA") and args.tls_key)
     try:
         with _channel(args) as channel:
             status = health_status(channel, args.name, timeout=args.timeout)

@@ -33,4 +33,8 @@ def request_metrics(prefix: str) -> RequestMetrics:
 def serve_metrics(host: str, port: int) -> None:
     """Expose the default registry as Prometheus text on http://host:port/metrics (port 0: off)."""
     if port:
-        start_http_server(port, addr=host)
+        try:
+            start_http_server(port, addr=host)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): is another server "
+                             "using the port? Stop it or choose another --metrics-port.") from None

@@ -10,11 +10,19 @@
 
 Health is NOT_SERVING until ``startup`` returns and again from the moment SIGTERM arrives; in-flight
 calls then get ``--grace-period`` seconds before they are cancelled, and the process exits 0.
+
+Every call but health (always open, for probes) passes, in order: the bearer token
+(``--auth-token-file``; reflection too unless ``--open-reflection``) -> UNAUTHENTICATED; the
+concurrency limit (``--max-concurrent-rpcs``) -> RESOURCE_EXHAUSTED; a request that is not valid
+protobuf -> INVALID_ARGUMENT. A response stream whose client stops reading for ``--stall-timeout``
+seconds is ended. TLS (``--tls-cert``/``--tls-key``) and mutual TLS (``--tls-client-ca``) are set up
+at bind time; a port already in use stops the server with a message (SO_REUSEPORT is off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import time
@@ -27,16 +35,75 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .auth import TokenFile, check_bearer
 from .context import REQUEST_ID_HEADER, new_request_id, reset_request_id, set_request_id
-from .errors import status_of
+from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, short, status_of
 from .metrics import request_metrics, serve_metrics
 
 log = structlog.get_logger()
 
 # Request ids are echoed into logs and headers: keep them short and printable.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-_UNWRAPPED = ("/grpc.health.v1.", "/grpc.reflection.")
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HEALTH = "/grpc.health.v1."
+_REFLECTION = "/grpc.reflection."
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what the gateway's channels to its upstreams accept
+
+
+class _Policy:
+    """What the interceptor enforces, from the server's flags."""
+
+    def __init__(self, args: Any) -> None:
+        path = getattr(args, "auth_token_file", None)
+        try:
+            self.tokens = TokenFile(path) if path else None
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--auth-token-file: {exc}") from None
+        self.open_reflection = bool(getattr(args, "open_reflection", False))
+        self.max_concurrent_rpcs = int(getattr(args, "max_concurrent_rpcs", 0) or 0)
+        self.stall_timeout = float(getattr(args, "stall_timeout", 0) or 0) or None
+        self.in_flight = 0
+
+    def refusal(self, metadata: Any) -> str | None:
+        """Why this call's credentials are refused (None: accepted, or no tokens required)."""
+        if self.tokens is None:
+            return None
+        return check_bearer(metadata, self.tokens.tokens())
+
+
+class _Unparseable:
+    """What the deserializer hands on for bytes that are not the expected message."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type = message_type
+        self.error = error
+
+    def refuse(self) -> InvalidArgument:
+        return InvalidArgument("request", f"not a valid {self.message_type} protobuf message "
+                               f"({short(str(self.error) or type(self.error).__name__, 100)})")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that turns a parse error into an ``_Unparseable`` (answered INVALID_ARGUMENT
+    by the handler) instead of letting gRPC answer UNKNOWN."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    message_type = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 -- DecodeError and whatever a broken message raises
+            return _Unparseable(message_type, exc)
+
+    return parse
+
+
+async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Unparseable):
+            raise request.refuse()
+        yield request
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -47,13 +114,30 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class _Call:
-    """Bookkeeping shared by the four handler shapes: request id, logs, metrics, status mapping."""
+    """Bookkeeping shared by the four handler shapes: request id, logs, metrics, status mapping, and
+    the checks every call passes (``admit``)."""
 
-    def __init__(self, prefix: str, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, prefix: str, method: str, context: grpc.aio.ServicerContext, policy: _Policy) -> None:
         self.method = method.rsplit("/", 1)[-1]
         self.context = context
         self.metrics = request_metrics(prefix)
         self.code = grpc.StatusCode.OK
+        self.policy = policy
+        self._admitted = False
+
+    def admit(self, request: Any = None) -> None:
+        """Token, then concurrency, then the request's own bytes; raises the refusal."""
+        refusal = self.policy.refusal(self.context.invocation_metadata())
+        if refusal is not None:
+            raise Unauthenticated(refusal)
+        limit = self.policy.max_concurrent_rpcs
+        if limit and self.policy.in_flight >= limit:
+            raise ResourceExhausted(f"the server is at its limit of {limit} concurrent calls "
+                                    "(--max-concurrent-rpcs); retry later")
+        self.policy.in_flight += 1
+        self._admitted = True
+        if isinstance(request, _Unparseable):
+            raise request.refuse()
 
     async def __aenter__(self) -> _Call:
         request_id = _request_id(self.context)
@@ -65,6 +149,8 @@ class _Call:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self._admitted:
+            self.policy.in_flight -= 1
         try:
             if exc is None:
                 return False
@@ -92,39 +178,75 @@ class _Call:
         return False
 
 
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED (for reflection)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **codec)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **codec)
+    return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+
+
 class _Interceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, policy: _Policy) -> None:
         self.prefix = prefix
+        self.policy = policy
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(_UNWRAPPED):
+        if handler is None or details.method.startswith(_HEALTH):
             return handler
-        prefix, method = self.prefix, details.method
-        codec = {"request_deserializer": handler.request_deserializer,
+        if details.method.startswith(_REFLECTION):
+            refusal = None if self.policy.open_reflection else self.policy.refusal(details.invocation_metadata)
+            return handler if refusal is None else _refusing(handler, refusal)
+        prefix, method, policy = self.prefix, details.method, self.policy
+        codec = {"request_deserializer": _lenient(handler.request_deserializer),
                  "response_serializer": handler.response_serializer}
+        streaming_requests = handler.request_streaming
 
         if handler.response_streaming:
-            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            behavior = handler.stream_stream if streaming_requests else handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with _Call(prefix, method, context):
-                    async for response in behavior(request, context):
-                        yield response
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                async with _Call(prefix, method, context, policy) as call:
+                    call.admit(None if streaming_requests else request)
+                    responses = behavior(_parsed(request) if streaming_requests else request, context)
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            await _write(context, response, policy.stall_timeout)
 
-            wrap = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
+            wrap = grpc.stream_stream_rpc_method_handler if streaming_requests \
                 else grpc.unary_stream_rpc_method_handler
             return wrap(stream, **codec)
 
-        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        behavior = handler.stream_unary if streaming_requests else handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _Call(prefix, method, context):
-                return await behavior(request, context)
+            async with _Call(prefix, method, context, policy) as call:
+                call.admit(None if streaming_requests else request)
+                return await behavior(_parsed(request) if streaming_requests else request, context)
 
-        wrap = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
+        wrap = grpc.stream_unary_rpc_method_handler if streaming_requests \
             else grpc.unary_unary_rpc_method_handler
         return wrap(unary, **codec)
+
+
+async def _write(context: grpc.aio.ServicerContext, response: Any, stall_timeout: float | None) -> None:
+    """Send one stream message; a client that reads nothing for ``stall_timeout`` seconds (its flow
+    control window stays full) loses the stream instead of holding the server's resources forever."""
+    try:
+        await asyncio.wait_for(context.write(response), stall_timeout)
+    except TimeoutError:
+        raise DeadlineExceeded(f"the client read nothing for {stall_timeout:g} s (--stall-timeout); "
+                               "the stream is ended") from None
 
 
 class GrpcServer:
@@ -134,11 +256,16 @@ class GrpcServer:
         self.service = service
         self.args = args
         self.metrics_prefix = metrics_prefix or f"llama_{service}"
+        self.policy = _Policy(args)
+        max_message_bytes = int(getattr(args, "max_message_bytes", 0) or MAX_MESSAGE_BYTES)
         self.server = grpc.aio.server(
-            interceptors=[_Interceptor(self.metrics_prefix)],
+            interceptors=[_Interceptor(self.metrics_prefix, self.policy)],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port would then start
+                # silently and take a share of the first one's connections. Fail to bind instead.
+                ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -168,15 +295,35 @@ class GrpcServer:
         self.exit_code = max(self.exit_code, exit_code)
         self._stopping.set()
 
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        cert, key = self.args.tls_cert, self.args.tls_key
+        client_ca = getattr(self.args, "tls_client_ca", None)
+        if not (cert or key or client_ca):
+            return None
+        if not (cert and key):
+            raise SystemExit("--tls-cert and --tls-key go together" + (" (--tls-client-ca needs both)" if client_ca else ""))
+        try:
+            return grpc.ssl_server_credentials(
+                [(Path(key).read_bytes(), Path(cert).read_bytes())],
+                root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+                require_client_auth=bool(client_ca))
+        except OSError as exc:
+            raise SystemExit(f"TLS files: {exc}") from None
+
     def _bind(self) -> int:
         address = f"{self.args.host}:{self.args.port}"
-        if self.args.tls_cert or self.args.tls_key:
-            if not (self.args.tls_cert and self.args.tls_key):
-                raise SystemExit("--tls-cert and --tls-key go together")
-            credentials = grpc.ssl_server_credentials(
-                [(Path(self.args.tls_key).read_bytes(), Path(self.args.tls_cert).read_bytes())])
-            return self.server.add_secure_port(address, credentials)
-        return self.server.add_insecure_port(address)
+        credentials = self._credentials()
+        try:
+            port = (self.server.add_secure_port(address, credentials) if credentials
+                    else self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc raises "Failed to bind to address ..."
+            port, reason = 0, str(exc)
+        else:
+            reason = "gRPC could not bind it"
+        if port == 0:
+            raise SystemExit(f"{self.service}: cannot listen on {address} ({reason}): is another server using "
+                             "the port? Stop it or choose another --port.")
+        return port
 
     async def run(
         self,
@@ -200,8 +347,9 @@ class GrpcServer:
             loop.add_signal_handler(sig, self._stopping.set)
         serve_metrics(self.args.host, self.args.metrics_port)
         await self.server.start()
-        log.info("listening", port=self.port, metrics_port=self.args.metrics_port,
-                 services=self.service_names)
+        log.info("listening", port=self.port, metrics_port=self.args.metrics_port, services=self.service_names,
+                 tls=bool(self.args.tls_cert), mutual_tls=bool(getattr(self.args, "tls_client_ca", None)),
+                 tokens_required=self.policy.tokens is not None)
         if startup is not None:
             startup_task = asyncio.ensure_future(startup())
             stop_task = asyncio.ensure_future(self._stopping.wait())

@@ -43,9 +43,12 @@ class ServiceProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
-    def wait_healthy(self, timeout: float = 120.0, service: str = "") -> ServiceProcess:
+    def wait_healthy(self, timeout: float = 120.0, service: str = "",
+                     credentials: grpc.ChannelCredentials | None = None) -> ServiceProcess:
+        """Poll health (over TLS with ``credentials``) until SERVING."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        channel = grpc.secure_channel(self.address, credentials) if credentials else grpc.insecure_channel(self.address)
+        with channel:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log_text()}")

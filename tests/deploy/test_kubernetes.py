@@ -243,6 +243,7 @@ def test_tls_variant_secures_every_hop(tmp_path: Path) -> None:
         assert config[f"LLAMA_{service}_TLS_CLIENT_CA"]
     for setting in ("UPSTREAM_TLS_CA", "UPSTREAM_TLS_CERT", "UPSTREAM_TLS_KEY", "UPSTREAM_AUTH_TOKEN_FILE"):
         assert config[f"LLAMA_GATEWAY_{setting}"]
+    assert settings_problems(config) == []  # every variable is a flag the servers read
     secrets = {volume["secret"]["secretName"] for doc in docs if doc["kind"] == "Deployment"
                for volume in doc["spec"]["template"]["spec"]["volumes"] if "secret" in volume}
     assert secrets == {"llama-grpc-tls", "llama-grpc-tokenizer-tls", "llama-grpc-model-tls",

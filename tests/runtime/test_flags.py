@@ -18,6 +18,11 @@ TWINS = {
     "--grace-period": ("LLAMA_TOKENIZER_GRACE_PERIOD", "2.5", "grace_period", 2.5),
     "--tls-cert": ("LLAMA_TOKENIZER_TLS_CERT", "/certs/tls.crt", "tls_cert", "/certs/tls.crt"),
     "--tls-key": ("LLAMA_TOKENIZER_TLS_KEY", "/certs/tls.key", "tls_key", "/certs/tls.key"),
+    "--tls-client-ca": ("LLAMA_TOKENIZER_TLS_CLIENT_CA", "/certs/ca.crt", "tls_client_ca", "/certs/ca.crt"),
+    "--auth-token-file": ("LLAMA_TOKENIZER_AUTH_TOKEN_FILE", "/run/tokens", "auth_token_file", "/run/tokens"),
+    "--max-message-bytes": ("LLAMA_TOKENIZER_MAX_MESSAGE_BYTES", "1024", "max_message_bytes", 1024),
+    "--max-concurrent-rpcs": ("LLAMA_TOKENIZER_MAX_CONCURRENT_RPCS", "5", "max_concurrent_rpcs", 5),
+    "--stall-timeout": ("LLAMA_TOKENIZER_STALL_TIMEOUT", "1.5", "stall_timeout", 1.5),
     "--tokenizer": ("LLAMA_TOKENIZER_PATH", "/models/llama3", "tokenizer", "/models/llama3"),
     "--max-input-chars": ("LLAMA_TOKENIZER_MAX_INPUT_CHARS", "1234", "max_input_chars", 1234),
     "--threads": ("LLAMA_TOKENIZER_THREADS", "3", "threads", 3),
@@ -42,8 +47,15 @@ def test_env_twin_sets_the_flag_and_the_flag_wins(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv(env, raw)
     assert getattr(parser().parse_args([]), dest) == value
     explicit = {"--log-level": "error", "--port": "7", "--metrics-port": "8", "--grace-period": "9.5",
-                "--max-input-chars": "10", "--threads": "2"}.get(flag, "/explicit")
+                "--max-input-chars": "10", "--threads": "2", "--max-message-bytes": "11",
+                "--max-concurrent-rpcs": "12", "--stall-timeout": "13.0"}.get(flag, "/explicit")
     assert str(getattr(parser().parse_args([flag, explicit]), dest)) == explicit
+
+
+def test_open_reflection_env_twin(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parser().parse_args([]).open_reflection is False
+    monkeypatch.setenv("LLAMA_TOKENIZER_OPEN_REFLECTION", "true")
+    assert parser().parse_args([]).open_reflection is True
 
 
 def test_invalid_env_value_is_an_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
