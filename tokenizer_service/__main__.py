@@ -25,7 +25,11 @@ def parser() -> ServerArgumentParser:
                    help="a Llama 3 tokenizer.model, a Meta or Hugging Face checkpoint directory, or a .gguf "
                         "file (default: the embedded SmolLM2-135M-Instruct model)")
     flags.add_flag("--max-input-chars", type=int, default=4_000_000,
-                   help="longest Encode text (and total chat message content) accepted, in characters")
+                   help="longest Encode text (and total chat message roles and content) accepted, in characters")
+    flags.add_flag("--max-decode-ids", type=int, default=1_000_000,
+                   help="most token ids one Decode call (or one DecodeStream, in total) may carry")
+    flags.add_flag("--max-chat-messages", type=int, default=4096,
+                   help="most messages one ApplyChatTemplate call may carry")
     flags.add_flag("--threads", type=int, default=min(4, len(os.sched_getaffinity(0))),
                    help="worker threads for large requests; each holds its own tiktoken copy "
                         "(~36 MB for Llama 3)")
@@ -37,7 +41,8 @@ async def serve(argv: list[str] | None = None) -> int:
     configure_logging("tokenizer", args.log_level)
     if args.threads < 1:
         raise SystemExit("--threads must be at least 1")
-    servicer = TokenizerServicer(max_input_chars=args.max_input_chars, threads=args.threads)
+    servicer = TokenizerServicer(max_input_chars=args.max_input_chars, threads=args.threads,
+                                 max_decode_ids=args.max_decode_ids, max_chat_messages=args.max_chat_messages)
     server = GrpcServer("tokenizer", args)
     server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
                tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)

@@ -6,6 +6,7 @@ Errors are raised, not aborted: the shared interceptor maps ``InvalidArgument`` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +44,12 @@ def token_metrics() -> TokenMetrics:
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    def __init__(self, max_input_chars: int, threads: int) -> None:
+    def __init__(self, max_input_chars: int, threads: int, max_decode_ids: int = 1_000_000,
+                 max_chat_messages: int = 4096) -> None:
         self.tokenizer: Tokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
         self.max_input_chars = max_input_chars
+        self.max_decode_ids = max_decode_ids
+        self.max_chat_messages = max_chat_messages
         self.metrics = token_metrics()
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenizer")
@@ -76,6 +80,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if chars > self.max_input_chars:
             raise InvalidArgument(field, f"{chars} characters is more than the limit of {self.max_input_chars} "
                                   "(--max-input-chars)")
+
+    def _check_ids(self, field: str, count: int) -> None:
+        if count > self.max_decode_ids:
+            raise InvalidArgument(field, f"{count} token ids is more than the limit of {self.max_decode_ids} "
+                                  "(--max-decode-ids)")
 
     async def _run(self, size: int, work: Callable[[], _T]) -> _T:
         if size <= _INLINE_CHARS:
@@ -116,6 +125,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext) -> Any:
         tokenizer = self._ready()
+        self._check_ids("token_ids", len(request.token_ids))
         ids = list(request.token_ids)
         text = await self._run(len(ids) * 4, lambda: tokenizer.decode(
             ids, skip_special_tokens=request.skip_special_tokens))
@@ -126,11 +136,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                            context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.DecodeStreamResponse]:
         tokenizer = self._ready()
         decoder = None
+        total = 0  # ids over the whole stream: one generation's worth at most
         async for request in request_iterator:
             if decoder is None:  # options come from the first message
                 decoder = tokenizer.stream_decoder(skip_special_tokens=request.skip_special_tokens)
+            total += len(request.token_ids)
+            self._check_ids("token_ids (this stream's total)", total)
             ids = list(request.token_ids)
-            text = decoder.push(ids)
+            text = await self._run(len(ids) * 4, functools.partial(decoder.push, ids))
             self.metrics.decoded.inc(len(ids))
             # One reply per request (empty while a character is incomplete) keeps callers in lockstep.
             yield tokenizer_pb2.DecodeStreamResponse(text=text)
@@ -140,11 +153,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def ApplyChatTemplate(self, request: tokenizer_pb2.ApplyChatTemplateRequest,
                                 context: grpc.aio.ServicerContext) -> Any:
         tokenizer = self._ready()
+        if len(request.messages) > self.max_chat_messages:
+            raise InvalidArgument("messages", f"{len(request.messages)} messages is more than the limit of "
+                                  f"{self.max_chat_messages} (--max-chat-messages)")
         messages = [(message.role, message.content) for message in request.messages]
-        chars = sum(len(content) for _, content in messages)
+        chars = sum(len(role) + len(content) for role, content in messages)  # roles count too
         self._check_size("messages", chars)
         add_generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-        prompt = await self._run(chars, lambda: tokenizer.apply_chat_template(
+        # Always a worker thread: a model's own template may do a lot of work on small input (it has
+        # a time budget, see chat_template.py), and the event loop must keep answering health.
+        prompt = await asyncio.get_running_loop().run_in_executor(self.pool, lambda: tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt))
         self.metrics.encoded.inc(len(prompt.token_ids))
         return tokenizer_pb2.ApplyChatTemplateResponse(token_ids=prompt.token_ids, text=prompt.text)

@@ -26,6 +26,8 @@ TWINS = {
     "--tokenizer": ("LLAMA_TOKENIZER_PATH", "/models/llama3", "tokenizer", "/models/llama3"),
     "--max-input-chars": ("LLAMA_TOKENIZER_MAX_INPUT_CHARS", "1234", "max_input_chars", 1234),
     "--threads": ("LLAMA_TOKENIZER_THREADS", "3", "threads", 3),
+    "--max-decode-ids": ("LLAMA_TOKENIZER_MAX_DECODE_IDS", "77", "max_decode_ids", 77),
+    "--max-chat-messages": ("LLAMA_TOKENIZER_MAX_CHAT_MESSAGES", "9", "max_chat_messages", 9),
 }
 
 
@@ -48,7 +50,8 @@ def test_env_twin_sets_the_flag_and_the_flag_wins(monkeypatch: pytest.MonkeyPatc
     assert getattr(parser().parse_args([]), dest) == value
     explicit = {"--log-level": "error", "--port": "7", "--metrics-port": "8", "--grace-period": "9.5",
                 "--max-input-chars": "10", "--threads": "2", "--max-message-bytes": "11",
-                "--max-concurrent-rpcs": "12", "--stall-timeout": "13.0"}.get(flag, "/explicit")
+                "--max-concurrent-rpcs": "12", "--stall-timeout": "13.0", "--max-decode-ids": "14",
+                "--max-chat-messages": "15"}.get(flag, "/explicit")
     assert str(getattr(parser().parse_args([flag, explicit]), dest)) == explicit
 
 
