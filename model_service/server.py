@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -21,7 +22,7 @@ import structlog
 import torch
 
 from llama_grpc_runtime.context import REQUEST_ID_HEADER, current_request_id
-from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_runtime.errors import InvalidArgument, Unavailable
 from llama_grpc_runtime.flags import server_parser
 from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
@@ -68,13 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--prefill-chunk", type=int, default=256,
                     help="prompt tokens per engine step: bounds how long a long prompt delays running streams")
     parser.add_flag("--seed", type=int, default=1, help="seed for anything random at load time")
+    parser.add_flag("--max-new-tokens-limit", type=int, default=0,
+                    help="largest max_new_tokens a request may ask for (above: INVALID_ARGUMENT); an unset "
+                         "max_new_tokens means this many; 0: no limit but the context")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     for flag in ("tp", "max_batch_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0 or args.max_seq_len < 0:
-        parser.error("--max-queue and --max-seq-len must be >= 0")
+    if args.max_queue < 0 or args.max_seq_len < 0 or args.max_new_tokens_limit < 0:
+        parser.error("--max-queue, --max-seq-len and --max-new-tokens-limit must be >= 0")
     return args
 
 
@@ -98,6 +102,20 @@ def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None
         request_id=current_request_id() or request.request_id,
         timeout=timeout,
     )
+
+
+def limit_new_tokens(request: GenerationRequest, limit: int, max_seq_len: int) -> GenerationRequest:
+    """``--max-new-tokens-limit``: refuse more; give an unset max_new_tokens the limit (with
+    strict_context_limit, no more than the context leaves, as an unset value would)."""
+    if not limit:
+        return request
+    if request.max_new_tokens > limit:
+        raise InvalidArgument("stopping.max_new_tokens", f"{request.max_new_tokens} is more than this server's "
+                              f"limit of {limit} (--max-new-tokens-limit)")
+    if request.max_new_tokens:
+        return request
+    room = max_seq_len - len(request.prompt_token_ids)
+    return replace(request, max_new_tokens=max(min(limit, room) if request.strict_context_limit else limit, 1))
 
 
 def _top_logprobs(alternatives: list[TokenAlternatives]) -> list[common_pb2.TopLogprobs]:
@@ -164,7 +182,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         engine = self._ready()
         if request.request_id and not any(key == REQUEST_ID_HEADER for key, _ in context.invocation_metadata() or ()):
             structlog.contextvars.bind_contextvars(request_id=request.request_id)
-        stream = engine.submit(request_from_proto(request, context.time_remaining()))
+        generation = limit_new_tokens(request_from_proto(request, context.time_remaining()),
+                                      self.args.max_new_tokens_limit, engine.max_seq_len)
+        stream = engine.submit(generation)
         try:
             async for chunk in stream:
                 yield response_from_chunk(chunk)
@@ -189,6 +209,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             parameter_count=info.parameter_count,
             quantization=info.quantization,
             compile="off",
+            max_new_tokens_limit=self.args.max_new_tokens_limit,
         )
 
     def _ready(self) -> Engine:
