@@ -32,7 +32,7 @@ log = structlog.get_logger()
 
 
 def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespace)
-    parser = server_parser(service="gateway", port=50050, metrics_port=9090,
+    parser = server_parser(service="gateway", port=50050, metrics_port=9090, max_message_bytes=4 * 1024 * 1024,
                            description="llama-grpc gateway: text and chat completion over the tokenizer and "
                                        "model services")
     parser.add_flag("--tokenizer-address", default="localhost:50051", help="tokenizer service host:port")
@@ -41,6 +41,14 @@ def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespa
                          "dns:///name:port target (calls are balanced round-robin)")
     parser.add_flag("--max-stop-sequences", type=int, default=16, help="most stop sequences per request")
     parser.add_flag("--max-stop-sequence-chars", type=int, default=256, help="longest stop sequence (characters)")
+    parser.add_flag("--max-stop-token-ids", type=int, default=64, help="most stop token ids per request")
+    parser.add_flag("--max-messages", type=int, default=256, help="most chat messages per request")
+    parser.add_flag("--max-prompt-chars", type=int, default=1_000_000,
+                    help="longest prompt, or all messages' roles and content together, in characters")
+    parser.add_flag("--max-echo-top-logprobs", type=int, default=65_536,
+                    help="with echo: prompt tokens x top_logprobs allowed (each candidate's text is looked up)")
+    parser.add_flag("--max-decode-fanout", type=int, default=8,
+                    help="Decode calls one request may have in flight to the tokenizer (top-logprob texts)")
     parser.add_flag("--health-interval", type=float, default=1.0, help="seconds between upstream health checks")
     parser.add_flag("--upstream-tls-ca", default=None,
                     help="CA (PEM) of the tokenizer's and model's certificates: dial them over TLS")
@@ -62,10 +70,13 @@ class Gateway:
     def __init__(self, args) -> None:  # noqa: ANN001
         self.args = args
         security = upstream_security(args)
-        self.tokenizer = TokenizerClient(args.tokenizer_address, security)
+        self.tokenizer = TokenizerClient(args.tokenizer_address, security, max_decode_fanout=args.max_decode_fanout)
         self.model = ModelClient(args.model_address, security)
         self.base_limits = Limits(max_stop_sequences=args.max_stop_sequences,
-                                  max_stop_sequence_chars=args.max_stop_sequence_chars)
+                                  max_stop_sequence_chars=args.max_stop_sequence_chars,
+                                  max_stop_token_ids=args.max_stop_token_ids, max_messages=args.max_messages,
+                                  max_prompt_chars=args.max_prompt_chars,
+                                  max_echo_top_logprobs=args.max_echo_top_logprobs)
         # Replaced whole by the health monitor; each request reads it once.
         self.state = UpstreamState(self.base_limits)
         self.pipeline = CompletionPipeline(self.tokenizer, self.model, lambda: self.state)

@@ -60,6 +60,10 @@ class Limits:
 
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_messages: int = 256
+    max_prompt_chars: int = 1_000_000  # prompt, or all messages' roles and content
+    max_echo_top_logprobs: int = 65_536  # prompt tokens x top_logprobs when echo asks for them
     vocab_size: int = 0  # 0: unknown, token ids are not range-checked here
     max_seq_len: int = 0  # 0: unknown, prompt length is left to the model service
 
@@ -78,12 +82,27 @@ def validate_input(prompt: str, messages: tuple[ChatMessage, ...], *, text_field
 
 def validate(request: CompletionRequest, limits: Limits) -> None:
     """Raise ``InvalidArgument`` naming the first field that is wrong."""
+    _validate_size(request, limits)
     validate_input(request.prompt, request.messages)
     _validate_sampling(request.sampling)
     _validate_stopping(request.stopping, limits)
     output = request.output
     if not 0 <= output.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidArgument("output.top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {output.top_logprobs}")
+
+
+def _validate_size(request: CompletionRequest, limits: Limits) -> None:
+    """Before anything else reads the input: how much of it there is."""
+    if len(request.messages) > limits.max_messages:
+        raise InvalidArgument("messages", f"{len(request.messages)} messages, at most {limits.max_messages} allowed "
+                              "(--max-messages)")
+    chars = len(request.prompt) + sum(len(message.role) + len(message.content) for message in request.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidArgument("messages" if request.messages else "prompt",
+                              f"{chars} characters, at most {limits.max_prompt_chars} allowed (--max-prompt-chars)")
+    if len(request.stopping.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgument("stopping.stop_token_ids", f"{len(request.stopping.stop_token_ids)} ids, at most "
+                              f"{limits.max_stop_token_ids} allowed (--max-stop-token-ids)")
 
 
 def _validate_sampling(sampling: Sampling) -> None:
@@ -118,7 +137,13 @@ def _validate_stopping(stopping: Stopping, limits: Limits) -> None:
 
 
 def validate_prompt_length(prompt_tokens: int, request: CompletionRequest, limits: Limits) -> None:
-    """The prompt must leave room for at least one generated token (or all of max_new_tokens when strict)."""
+    """The prompt must leave room for at least one generated token (or all of max_new_tokens when strict);
+    echoed top logprobs (a text lookup per candidate) are bounded."""
+    output = request.output
+    if output.echo and prompt_tokens * output.top_logprobs > limits.max_echo_top_logprobs:
+        raise InvalidArgument("output.top_logprobs", f"echo with top_logprobs {output.top_logprobs} over a prompt of "
+                              f"{prompt_tokens} tokens is {prompt_tokens * output.top_logprobs} candidates, at most "
+                              f"{limits.max_echo_top_logprobs} allowed (--max-echo-top-logprobs)")
     if not limits.max_seq_len:
         return
     stopping = request.stopping

@@ -161,8 +161,9 @@ def _candidates(top_logprobs: Sequence[common_pb2.TopLogprobs]) -> list[list[Can
 
 
 class TokenizerClient(Upstream):
-    def __init__(self, address: str, security: UpstreamSecurity | None = None) -> None:
+    def __init__(self, address: str, security: UpstreamSecurity | None = None, *, max_decode_fanout: int = 8) -> None:
         super().__init__("tokenizer service", address, security)
+        self.max_decode_fanout = max(1, max_decode_fanout)
         self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
         self._info = b""  # the last GetTokenizerInfo reply: another one means another vocabulary
@@ -193,8 +194,13 @@ class TokenizerClient(Upstream):
         """Each id's own text (cached: the vocabulary is fixed while the tokenizer is up)."""
         cache = self._token_text
         missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in cache]
-        texts = dict(zip(missing, await asyncio.gather(*(self.decode([token_id], deadline) for token_id in missing)),
-                         strict=True))
+        fanout = asyncio.Semaphore(self.max_decode_fanout)  # one request never floods the tokenizer
+
+        async def one(token_id: int) -> str:
+            async with fanout:
+                return await self.decode([token_id], deadline)
+
+        texts = dict(zip(missing, await asyncio.gather(*(one(token_id) for token_id in missing)), strict=True))
         cache.update(texts)
         return {token_id: texts[token_id] if token_id in texts else cache[token_id] for token_id in token_ids}
 
