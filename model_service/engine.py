@@ -24,13 +24,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llama_grpc_runtime.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 
-from .sampling import MAX_TOP_LOGPROBS, SamplingParams, SamplingRow, new_generator, sample, token_logprobs
+from .options import Constraint, check_output, check_stopping
+from .sampling import SamplingParams, SamplingRow, new_generator, sample, token_logprobs
 from .scheduler import Scheduler, Sequence, Work
 
 log = structlog.get_logger()
@@ -43,6 +45,7 @@ class FinishReason(enum.Enum):
     STOP_TOKEN = "stop_token"  # the model's or the caller's stop token (not returned)
     CONTEXT_LIMIT = "context_limit"  # prompt + output filled the context
     CANCELLED = "cancelled"  # the caller went away, or the server is shutting down
+    TIME_LIMIT = "time_limit"  # time_limit_ms ran out: the output so far is the answer
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,23 @@ class GenerationRequest:
     echo: bool = False  # with logprobs/top_logprobs: also those of the prompt tokens
     request_id: str = ""
     timeout: float | None = None  # seconds the caller still waits (its gRPC deadline)
+    min_new_tokens: int = 0  # stop tokens are masked out until this many were generated
+    time_limit_ms: int = 0  # 0: none; else ends with TIME_LIMIT and what it has
+    truncate_prompt_tokens: int = 0  # 0: the whole prompt; else only its last N tokens
+    constraint: Constraint | None = None  # structured output
+
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt the model sees (after truncate_prompt_tokens)."""
+        if self.truncate_prompt_tokens and len(self.prompt_token_ids) > self.truncate_prompt_tokens:
+            return self.prompt_token_ids[-self.truncate_prompt_tokens:]
+        return self.prompt_token_ids
 
     def validate(self, vocab_size: int, max_seq_len: int) -> None:
         """Raise ``InvalidArgument`` naming the field of the first problem found."""
-        prompt = self.prompt_token_ids
+        check_stopping(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                       time_limit_ms=self.time_limit_ms, truncate_prompt_tokens=self.truncate_prompt_tokens)
+        prompt = self.prompt
         if not prompt:
             raise InvalidArgument("prompt_token_ids", "must not be empty")
         for position, token_id in enumerate(prompt):
@@ -70,10 +86,7 @@ class GenerationRequest:
         if len(prompt) >= max_seq_len:
             raise InvalidArgument("prompt_token_ids", f"the prompt has {len(prompt)} tokens but the context holds "
                                   f"{max_seq_len}, so a prompt may have at most {max_seq_len - 1}")
-        self.sampling.validate()
-        if self.max_new_tokens < 0:
-            raise InvalidArgument("stopping.max_new_tokens", f"must be >= 0 (0: up to the context limit), "
-                                  f"got {self.max_new_tokens}")
+        self.sampling.validate(vocab_size)
         if self.strict_context_limit and len(prompt) + self.max_new_tokens > max_seq_len:
             raise InvalidArgument("stopping.max_new_tokens", f"the prompt's {len(prompt)} tokens + max_new_tokens "
                                   f"{self.max_new_tokens} = {len(prompt) + self.max_new_tokens} exceed the "
@@ -82,8 +95,9 @@ class GenerationRequest:
             if not 0 <= token_id < vocab_size:
                 raise InvalidArgument("stopping.stop_token_ids",
                                       f"id {token_id} is outside the vocabulary [0, {vocab_size})")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgument("output.top_logprobs", f"must lie in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        check_output(top_logprobs=self.top_logprobs)
+        if self.constraint is not None:
+            self.constraint.check()
 
 
 @dataclass
@@ -239,13 +253,16 @@ class _Seq(Sequence):
     """A sequence plus everything the engine tracks for its request."""
 
     def __init__(self, request: GenerationRequest, engine: Engine) -> None:
-        super().__init__(tokens=list(request.prompt_token_ids), prompt_len=len(request.prompt_token_ids))
+        prompt = request.prompt
+        super().__init__(tokens=list(prompt), prompt_len=len(prompt))
         self.request = request
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stream: GenerationStream | None = None
         self.internal = False  # the warm-up: no metrics, no delivery
         self.arrival = time.perf_counter()
         self.deadline = None if request.timeout is None else time.monotonic() + request.timeout
+        self.time_limit = time.monotonic() + request.time_limit_ms / 1000 if request.time_limit_ms else None
+        self.grammar: str | None = None  # the compiled constraint (engine.grammars)
         self.stop_ids = frozenset(engine.stop_token_ids) | frozenset(request.stop_token_ids)
         # Unset: only the context (or a stop token) ends it, and it ends with CONTEXT_LIMIT.
         self.max_new_tokens = request.max_new_tokens or engine.max_seq_len
@@ -263,7 +280,7 @@ class Engine:
 
     def __init__(self, runner: Runner, *, vocab_size: int, max_seq_len: int, max_batch_size: int,
                  max_queue: int = 64, prefill_chunk: int = 256, stop_token_ids: tuple[int, ...] = (),
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None, grammars: object | None = None) -> None:
         self.runner = runner
         self.device = runner.device
         self.vocab_size = vocab_size
@@ -272,6 +289,7 @@ class Engine:
         self.max_queue = max_queue
         self.stop_token_ids = tuple(stop_token_ids)
         self.on_fatal = on_fatal
+        self.grammars = grammars  # grammar.Grammars over the model's vocabulary; None: no structured output
         self.scheduler = Scheduler(max_batch_size, prefill_chunk)
         self.metrics = engine_metrics()
         self.steps = 0
@@ -292,6 +310,11 @@ class Engine:
         """Queue a request; called on the event loop that will read the stream."""
         request.validate(self.vocab_size, self.max_seq_len)
         seq = _Seq(request, self)
+        if request.constraint is not None:
+            if self.grammars is None:
+                raise FailedPrecondition("constraint: this model service has no tokenizer files beside its "
+                                         "checkpoint, so it cannot enforce structured output")
+            seq.grammar = self.grammars.compile(request.constraint)  # type: ignore[attr-defined]
         seq.loop = asyncio.get_running_loop()
         seq.stream = GenerationStream(self, seq)
         with self._cond:
@@ -444,6 +467,8 @@ class Engine:
             elif seq.deadline is not None and now >= seq.deadline:
                 self._finish(seq, None, error=DeadlineExceeded(
                     f"deadline passed after {len(seq.generated)} generated tokens"))
+            elif seq.time_limit is not None and now >= seq.time_limit:
+                self._finish(seq, FinishReason.TIME_LIMIT)
 
     def _admit(self, seq: _Seq) -> None:
         params = seq.request.sampling
@@ -452,7 +477,15 @@ class Engine:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(seq.tokens, device=self.device)] = True
         generator = None if params.greedy else new_generator(params.seed)
-        seq.row = SamplingRow(params, generator, seen, seq.request.logprobs, seq.request.top_logprobs)
+        row = seq.row = SamplingRow(params, generator, seen, seq.request.logprobs, seq.request.top_logprobs)
+        if params.penalises_counts:
+            row.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
+        if seq.request.min_new_tokens and seq.stop_ids:
+            row.stop_token_ids = torch.tensor(sorted(seq.stop_ids), dtype=torch.long, device=self.device)
+            row.min_new_tokens = seq.request.min_new_tokens
+        if seq.grammar is not None:
+            row.grammars = self.grammars
+            row.matcher = self.grammars.matcher(seq.grammar)  # type: ignore[attr-defined]
         if not seq.internal:
             self.metrics.prompt_tokens.inc(seq.prompt_len)
 
@@ -553,8 +586,8 @@ class Engine:
             return
         seq.tokens.append(token_id)
         seq.generated.append(token_id)
-        if seq.row is not None and seq.row.seen is not None:
-            seq.row.seen[token_id] = True
+        if seq.row is not None:
+            seq.row.observe(token_id)
         chunk.token_ids.append(token_id)
         if seq.request.logprobs:
             chunk.logprobs.append(logprob if logprob is not None else 0.0)

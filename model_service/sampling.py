@@ -18,26 +18,24 @@ Log-probabilities are those of the model (``log_softmax`` of the raw logits), as
 
 from __future__ import annotations
 
-import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import torch
 
-from llama_grpc_runtime.errors import InvalidArgument
+from .options import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_TOP_LOGPROBS, check_sampling
 
 log = structlog.get_logger()
 
-DEFAULT_TEMPERATURE = 0.6
-DEFAULT_TOP_P = 0.9
-MAX_TOP_LOGPROBS = 20
 # Below this a temperature is sampled as if it were this (vLLM clamps the same way): dividing logits by
 # 1e-38 overflows float32 to inf, and the softmax of a row with inf is NaN. At 0.01 the distribution is
 # already one-hot for any realistic gap between the two best logits.
 MIN_TEMPERATURE = 1e-2
-# Dividing or multiplying logits by the penalty: within these bounds a float32 logit cannot overflow.
-REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
+__all__ = ["DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "MAX_TOP_LOGPROBS", "SamplingParams", "SamplingRow", "Sampled",
+           "new_generator", "sample", "token_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -47,24 +45,25 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1: off
     seed: int | None = None  # None: a fresh random seed per request
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens; 0: off
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict, hash=False)  # token id -> added to its logit
 
-    def validate(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):  # also refuses NaN
-            raise InvalidArgument("sampling.top_p", f"must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidArgument("sampling.top_k", f"must be >= 0 (0 turns it off), got {self.top_k}")
-        low, high = REPETITION_PENALTY_RANGE
-        if not low <= self.repetition_penalty <= high:  # also refuses NaN
-            raise InvalidArgument("sampling.repetition_penalty",
-                                  f"must lie in [{low:g}, {high:g}] (1 turns it off), got {self.repetition_penalty}")
-        if self.seed is not None and not (0 <= self.seed < 2**64):
-            raise InvalidArgument("sampling.seed", f"must fit in 64 unsigned bits, got {self.seed}")
+    def validate(self, vocab_size: int = 0) -> None:
+        """InvalidArgument naming the field and its range (``options.check_sampling``, as the gateway)."""
+        check_sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       repetition_penalty=self.repetition_penalty, seed=self.seed, min_p=self.min_p,
+                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                       logit_bias=self.logit_bias, vocab_size=vocab_size)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalises_counts(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -76,13 +75,33 @@ def new_generator(seed: int | None) -> torch.Generator:
 
 @dataclass
 class SamplingRow:
-    """One sequence's share of a sampling call."""
+    """One sequence's share of a sampling call, and the state its options need from step to step."""
 
     params: SamplingParams
     generator: torch.Generator | None  # CPU; None only for greedy rows
     seen: torch.Tensor | None = None  # [vocab] bool, tokens so far (prompt + output) for repetition_penalty
     logprobs: bool = False
     top_logprobs: int = 0
+    counts: torch.Tensor | None = None  # [vocab] float, times each token was generated (presence/frequency)
+    stop_token_ids: torch.Tensor | None = None  # [k] long: masked out while generated < min_new_tokens
+    min_new_tokens: int = 0
+    grammars: Any = None  # grammar.Grammars, with matcher: structured output
+    matcher: Any = None  # llguidance.LLMatcher, advanced by observe()
+    generated: int = 0
+
+    def observe(self, token_id: int) -> None:
+        """``token_id`` was generated and kept: update what the options look at next step."""
+        self.generated += 1
+        if self.seen is not None:
+            self.seen[token_id] = True
+        if self.counts is not None:
+            self.counts[token_id] += 1
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)
+
+    @property
+    def suppresses_stops(self) -> bool:
+        return self.stop_token_ids is not None and self.generated < self.min_new_tokens
 
 
 @dataclass
@@ -90,7 +109,7 @@ class Sampled:
     token_id: int
     logprob: float | None  # of token_id under the model, when asked
     top_logprobs: list[tuple[int, float]]  # (token id, logprob), most likely first
-    error: str | None = None  # this row could not be sampled; the other rows are unaffected
+    error: str | None = None  # this row could not be sampled (token_id is meaningless); the other rows are unaffected
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -102,14 +121,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def apply_count_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                          frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: ``logit - count * frequency - (count > 0) * presence``.
+
+    logits, counts: [n, vocab]; presence, frequency: [n, 1].
+    """
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
 NUCLEUS_PREFIX = 1024  # first guess at how many of the most likely tokens hold the top_p mass
 
 
-def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor,
-                    top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of tempered logits, then top-k, then the reference's top-p, each row with its own parameters.
+def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of tempered logits, then top-k, then the reference's top-p, then min-p (Hugging Face's
+    order), each row with its own parameters.
 
-    tempered: [m, vocab] logits / temperature; top_p: [m, 1] float; top_k: [m, 1] long (vocab where off).
+    tempered: [m, vocab] logits / temperature; top_p, min_p: [m, 1] float; top_k: [m, 1] long (vocab
+    where off). min-p drops tokens less likely than min_p times the most likely one (a ratio, so the
+    same before or after renormalising).
     Returns (weights [m, width], token ids [m, width]): most likely first, dropped tokens at 0,
     not renormalised (the draw scales by the row's total instead). Columns past ``width`` would all
     be dropped. Computed with cumulative sums only, so a row's weights do not depend on ``width``
@@ -131,6 +162,8 @@ def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor,
         # to the kept mass instead (Hugging Face renormalises there), so scale the threshold.
         mass = torch.where(with_top_k, cumulative[:, -1:], 1.0)
         dropped = cumulative - probs_sort > top_p * mass
+        if min_p is not None:
+            dropped |= probs_sort < min_p * probs_sort[:, :1]
         # The prefix is enough when, in every row, its last column is dropped (so is every later
         # one, the mask being monotone) or top-k already cut everything after it.
         if width == vocab or bool((dropped[:, -1:] | (top_k <= width)).all()):
@@ -145,6 +178,52 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     choice = torch.searchsorted(cdf, targets, right=True).squeeze(-1)  # first column whose cdf exceeds
     last_kept = (weights > 0).sum(-1) - 1  # guards u * total rounding up to the total itself
     return torch.minimum(choice, last_kept)
+
+
+def _adjusted_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[str | None]]:
+    """The logits each row samples from: its penalties, biases, suppressed stops and grammar mask
+    applied to its own row only. Returns (logits, per-row error); a copy when anything changed."""
+    device = logits.device
+    errors: list[str | None] = [None] * len(rows)
+    original = logits
+    penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and row.seen is not None]
+    counted = [i for i, row in enumerate(rows) if row.params.penalises_counts and row.counts is not None]
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    suppressing = [i for i, row in enumerate(rows) if row.suppresses_stops]
+    constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+    if not (penalised or counted or biased or suppressing or constrained):
+        return logits, errors
+    logits = logits.clone()
+    if penalised:
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in penalised], device=device)[:, None]
+        seen = torch.stack([rows[i].seen for i in penalised])
+        logits[penalised] = apply_repetition_penalty(logits[penalised], seen, penalty)
+    if counted:
+        presence = torch.tensor([rows[i].params.presence_penalty for i in counted], device=device)[:, None]
+        frequency = torch.tensor([rows[i].params.frequency_penalty for i in counted], device=device)[:, None]
+        counts = torch.stack([rows[i].counts for i in counted])
+        logits[counted] = apply_count_penalties(logits[counted], counts, presence, frequency)
+    for i in biased:
+        bias = rows[i].params.logit_bias
+        ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+        logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=device)
+    for i in suppressing:
+        logits[i, rows[i].stop_token_ids] = float("-inf")
+    if constrained:
+        failed = [i for i in constrained if rows[i].matcher.is_error()]
+        for i in failed:
+            errors[i] = f"constraint: {rows[i].matcher.get_error()}"[:500]
+        constrained = [i for i in constrained if errors[i] is None]
+    if constrained:
+        allowed = rows[constrained[0]].grammars.allowed([rows[i].matcher for i in constrained]).to(device)
+        masked = logits[constrained].masked_fill(~allowed, float("-inf"))
+        # min_new_tokens against a grammar that is complete: the grammar wins (its stop token).
+        stuck = torch.isneginf(masked).all(-1)
+        if bool(stuck.any()):
+            fallback = original[constrained].masked_fill(~allowed, float("-inf"))
+            masked = torch.where(stuck[:, None], fallback, masked)
+        logits[constrained] = masked
+    return logits, errors
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[Sampled]:
@@ -176,15 +255,8 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.
     logits = logits.float()
     want_logprobs = [i for i, row in enumerate(rows) if row.logprobs or row.top_logprobs]
     model_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
-
-    penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and row.seen is not None]
-    if penalised:
-        logits = logits.clone()
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in penalised], device=device)[:, None]
-        seen = torch.stack([rows[i].seen for i in penalised])
-        logits[penalised] = apply_repetition_penalty(logits[penalised], seen, penalty)
-
-    finite = torch.isfinite(logits).all(dim=-1)  # [n]
+    finite = torch.isfinite(logits).all(dim=-1)  # [n]: the model's own scores
+    logits, errors = _adjusted_logits(logits, rows)  # options may set -inf (a mask), never NaN or +inf
     next_ids = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
     if greedy:
@@ -195,12 +267,16 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.
         temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)[:, None]
         top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
         top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)[:, None]
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None] if any(p.min_p for p in params) \
+            else None
         tempered = logits[drawn] / temperature  # [m, vocab]
-        tempered_ok = torch.isfinite(tempered).all(dim=-1)  # [m]
+        # Masked tokens are -inf (fine for softmax while one token is left); NaN or +inf are not.
+        tempered_ok = ~(torch.isnan(tempered) | torch.isposinf(tempered)).any(dim=-1) & \
+            torch.isfinite(tempered).any(dim=-1)  # [m]
         finite[drawn] &= tempered_ok
         # A bad row is sampled from zeros (harmlessly) and its result thrown away below.
         tempered = torch.where(tempered_ok[:, None], tempered, 0.0)
-        weights, token_ids = _filtered_probs(tempered, top_k, top_p)
+        weights, token_ids = _filtered_probs(tempered, top_k, top_p, min_p)
         choices = _draw(weights, torch.cat([uniforms[i] for i in drawn]))  # [m]
         next_ids[drawn] = token_ids.gather(-1, choices[:, None]).squeeze(-1)
 
@@ -219,7 +295,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.
                 alternatives[i] = list(zip(ids, lps, strict=True))[: rows[i].top_logprobs]
     return [
         Sampled(token_id, chosen.get(i) if rows[i].logprobs else None, alternatives.get(i, []))
-        if ok[i] else Sampled(0, None, [], error=NON_FINITE)
+        if ok[i] and errors[i] is None else Sampled(0, None, [], error=errors[i] or NON_FINITE)
         for i, token_id in enumerate(token_ids)
     ]
 

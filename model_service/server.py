@@ -29,7 +29,29 @@ from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
-from .engine import Engine, FinishReason, GenerationChunk, GenerationRequest, LocalRunner, TokenAlternatives
+from .engine import (
+    Engine,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationStream,
+    LocalRunner,
+    TokenAlternatives,
+)
+from .grammar import ENGINE as GRAMMAR_ENGINE
+from .grammar import load_grammars
+from .options import (
+    CONSTRAINT_KINDS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    SAMPLING_OPTIONS,
+    STOPPING_OPTIONS,
+    check_n,
+    completion_seed,
+    constraint_from_fields,
+)
 from .quant import QUANTIZE_MODES
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
 from .tp_worker import LoadOptions, TensorParallelRunner
@@ -43,6 +65,7 @@ FINISH_REASONS = {
     FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,
     FinishReason.CONTEXT_LIMIT: common_pb2.FINISH_REASON_CONTEXT_LIMIT,
     FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.TIME_LIMIT: common_pb2.FINISH_REASON_TIME_LIMIT,
 }
 
 
@@ -82,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def constraint_from_proto(constraint: common_pb2.Constraint):  # -> options.Constraint | None
+    kind = constraint.WhichOneof("kind") or ""
+    value = constraint.choice.choices if kind == "choice" else getattr(constraint, kind, "")
+    return constraint_from_fields(kind, value)
+
+
 def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None) -> GenerationRequest:
     sampling, stopping, output = request.sampling, request.stopping, request.output
     return GenerationRequest(
@@ -92,8 +121,16 @@ def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None
             top_k=sampling.top_k,
             repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
             seed=sampling.seed if sampling.HasField("seed") else None,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=dict(sampling.logit_bias),
         ),
         max_new_tokens=stopping.max_new_tokens,
+        min_new_tokens=stopping.min_new_tokens,
+        time_limit_ms=stopping.time_limit_ms,
+        truncate_prompt_tokens=stopping.truncate_prompt_tokens,
+        constraint=constraint_from_proto(request.constraint),
         stop_token_ids=tuple(stopping.stop_token_ids),
         strict_context_limit=stopping.strict_context_limit,
         logprobs=output.logprobs,
@@ -114,7 +151,7 @@ def limit_new_tokens(request: GenerationRequest, limit: int, max_seq_len: int) -
                               f"limit of {limit} (--max-new-tokens-limit)")
     if request.max_new_tokens:
         return request
-    room = max_seq_len - len(request.prompt_token_ids)
+    room = max_seq_len - len(request.prompt)
     return replace(request, max_new_tokens=max(min(limit, room) if request.strict_context_limit else limit, 1))
 
 
@@ -124,8 +161,9 @@ def _top_logprobs(alternatives: list[TokenAlternatives]) -> list[common_pb2.TopL
             for position in alternatives]
 
 
-def response_from_chunk(chunk: GenerationChunk) -> model_pb2.GenerateResponse:
+def response_from_chunk(chunk: GenerationChunk, index: int = 0) -> model_pb2.GenerateResponse:
     response = model_pb2.GenerateResponse(
+        index=index,
         token_ids=chunk.token_ids,
         logprobs=chunk.logprobs,
         top_logprobs=_top_logprobs(chunk.top_logprobs),
@@ -182,14 +220,57 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         engine = self._ready()
         if request.request_id and not any(key == REQUEST_ID_HEADER for key, _ in context.invocation_metadata() or ()):
             structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        check_n(request.n)
         generation = limit_new_tokens(request_from_proto(request, context.time_remaining()),
                                       self.args.max_new_tokens_limit, engine.max_seq_len)
-        stream = engine.submit(generation)
+        if request.n <= 1:
+            stream = engine.submit(generation)
+            try:
+                async for chunk in stream:
+                    yield response_from_chunk(chunk)
+            finally:  # finished, failed, or the caller went away (cancel, deadline, disconnect)
+                stream.cancel()
+            return
+        async for response in self._generate_n(engine, generation, request.n):
+            yield response
+
+    @staticmethod
+    async def _generate_n(engine: Engine, request: GenerationRequest,
+                          n: int) -> AsyncIterator[model_pb2.GenerateResponse]:
+        """n completions as n sequences of the batch, interleaved as their chunks come; completion i
+        seeded with completion_seed(seed, i). Any failure or a cancelled call ends all of them."""
+        streams: list[GenerationStream] = []
+        readers: list[asyncio.Future] = []
+        queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+        async def read(index: int, stream: GenerationStream) -> None:
+            try:
+                async for chunk in stream:
+                    await queue.put((index, chunk))
+            except BaseException as exc:  # noqa: BLE001 -- handed to the reader below
+                await queue.put((index, exc))
+            else:
+                await queue.put((index, None))
+
         try:
-            async for chunk in stream:
-                yield response_from_chunk(chunk)
-        finally:  # finished, failed, or the caller went away (cancel, deadline, disconnect)
-            stream.cancel()
+            for index in range(n):
+                sampling = replace(request.sampling, seed=completion_seed(request.sampling.seed, index))
+                streams.append(engine.submit(replace(request, sampling=sampling)))
+            readers += [asyncio.ensure_future(read(index, stream)) for index, stream in enumerate(streams)]
+            running = n
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield response_from_chunk(item, index)
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for reader in readers:
+                reader.cancel()
 
     async def GetModelInfo(self, request: model_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> model_pb2.GetModelInfoResponse:
@@ -210,6 +291,16 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             quantization=info.quantization,
             compile="off",
             max_new_tokens_limit=self.args.max_new_tokens_limit,
+            capabilities=common_pb2.GenerationCapabilities(
+                sampling_options=SAMPLING_OPTIONS,
+                stopping_options=STOPPING_OPTIONS,
+                constraint_kinds=CONSTRAINT_KINDS if engine.grammars is not None else (),
+                max_n=MAX_N,
+                max_top_logprobs=MAX_TOP_LOGPROBS,
+                max_logit_bias_entries=MAX_LOGIT_BIAS_ENTRIES,
+                max_logit_bias=MAX_LOGIT_BIAS,
+                grammar_engine=GRAMMAR_ENGINE if engine.grammars is not None else "",
+            ),
         )
 
     def _ready(self) -> Engine:
@@ -242,7 +333,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         engine = Engine(self.runner, vocab_size=info.vocab_size, max_seq_len=info.max_seq_len,
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                         prefill_chunk=args.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
-                        on_fatal=self._on_engine_failure)
+                        on_fatal=self._on_engine_failure,
+                        grammars=load_grammars(args.checkpoint, info.vocab_size, list(info.stop_token_ids)))
         engine.warm_up()
         log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllama/common/v1/common.proto\x12\x0fllama.common.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"x\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x1c\n\x14strict_context_limit\x18\x04 \x01(\x08\"E\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"@\n\x0bTopLogprobs\x12\x31\n\ncandidates\x18\x01 \x03(\x0b\x32\x1d.llama.common.v1.TokenLogprob*\xc4\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_CONTEXT_LIMIT\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x42\x88\x01\n#io.github.llamagrpc.llama.common.v1B\x0b\x43ommonProtoP\x01Z@github.com/llama-grpc/llama-grpc/gen/go/llama/common/v1;commonv1\xaa\x02\x0fLlama.Common.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllama/common/v1/common.proto\x12\x0fllama.common.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x42\n\nlogit_bias\x18\t \x03(\x0b\x32..llama.common.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xc7\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x05\x12\x1c\n\x14strict_context_limit\x18\x04 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x05 \x01(\x05\x12\x15\n\rtime_limit_ms\x18\x06 \x01(\x05\x12\x1e\n\x16truncate_prompt_tokens\x18\x07 \x01(\x05\"\xa0\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x03 \x01(\tH\x00\x12\x34\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\".llama.common.v1.Constraint.ChoiceH\x00\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\tB\x06\n\x04kind\"E\n\rOutputOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x03 \x01(\x08\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"?\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"@\n\x0bTopLogprobs\x12\x31\n\ncandidates\x18\x01 \x03(\x0b\x32\x1d.llama.common.v1.TokenLogprob\"\x9c\x02\n\x16GenerationCapabilities\x12\x18\n\x10sampling_options\x18\x01 \x03(\t\x12\x18\n\x10stopping_options\x18\x02 \x03(\t\x12\x18\n\x10\x63onstraint_kinds\x18\x03 \x03(\t\x12\r\n\x05max_n\x18\x04 \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x05 \x01(\x05\x12\x1e\n\x16max_logit_bias_entries\x18\x06 \x01(\x05\x12\x16\n\x0emax_logit_bias\x18\x07 \x01(\x02\x12\x16\n\x0egrammar_engine\x18\x08 \x01(\t\x12\x1a\n\x12max_stop_sequences\x18\t \x01(\x05\x12\x1f\n\x17max_stop_sequence_chars\x18\n \x01(\x05*\xe2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_CONTEXT_LIMIT\x10\x04\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x05\x12\x1c\n\x18\x46INISH_REASON_TIME_LIMIT\x10\x06\x42\x88\x01\n#io.github.llamagrpc.llama.common.v1B\x0b\x43ommonProtoP\x01Z@github.com/llama-grpc/llama-grpc/gen/go/llama/common/v1;commonv1\xaa\x02\x0fLlama.Common.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,20 +32,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llama_grpc_stubs.common.v1.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n#io.github.llamagrpc.llama.common.v1B\013CommonProtoP\001Z@github.com/llama-grpc/llama-grpc/gen/go/llama/common/v1;commonv1\252\002\017Llama.Common.V1'
-  _globals['_FINISHREASON']._serialized_start=664
-  _globals['_FINISHREASON']._serialized_end=860
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1448
+  _globals['_FINISHREASON']._serialized_end=1674
   _globals['_MESSAGE']._serialized_start=49
   _globals['_MESSAGE']._serialized_end=89
   _globals['_SAMPLINGPARAMS']._serialized_start=92
-  _globals['_SAMPLINGPARAMS']._serialized_end=279
-  _globals['_STOPPINGCRITERIA']._serialized_start=281
-  _globals['_STOPPINGCRITERIA']._serialized_end=401
-  _globals['_OUTPUTOPTIONS']._serialized_start=403
-  _globals['_OUTPUTOPTIONS']._serialized_end=472
-  _globals['_USAGE']._serialized_start=474
-  _globals['_USAGE']._serialized_end=530
-  _globals['_TOKENLOGPROB']._serialized_start=532
-  _globals['_TOKENLOGPROB']._serialized_end=595
-  _globals['_TOPLOGPROBS']._serialized_start=597
-  _globals['_TOPLOGPROBS']._serialized_end=661
+  _globals['_SAMPLINGPARAMS']._serialized_end=533
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=374
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=422
+  _globals['_STOPPINGCRITERIA']._serialized_start=536
+  _globals['_STOPPINGCRITERIA']._serialized_end=735
+  _globals['_CONSTRAINT']._serialized_start=738
+  _globals['_CONSTRAINT']._serialized_end=898
+  _globals['_CONSTRAINT_CHOICE']._serialized_start=865
+  _globals['_CONSTRAINT_CHOICE']._serialized_end=890
+  _globals['_OUTPUTOPTIONS']._serialized_start=900
+  _globals['_OUTPUTOPTIONS']._serialized_end=969
+  _globals['_USAGE']._serialized_start=971
+  _globals['_USAGE']._serialized_end=1027
+  _globals['_TOKENLOGPROB']._serialized_start=1029
+  _globals['_TOKENLOGPROB']._serialized_end=1092
+  _globals['_TOPLOGPROBS']._serialized_start=1094
+  _globals['_TOPLOGPROBS']._serialized_end=1158
+  _globals['_GENERATIONCAPABILITIES']._serialized_start=1161
+  _globals['_GENERATIONCAPABILITIES']._serialized_end=1445
 # @@protoc_insertion_point(module_scope)
