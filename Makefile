@@ -12,7 +12,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway clean
+.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -96,3 +96,7 @@ bench-engine: install assets
 	$(PY) bench/engine_bench.py
 bench-gateway: install assets
 	$(PY) bench/gateway_bench.py
+# xgrammar is the contender the grammar bench measures llguidance against (not a dependency).
+bench-grammar: install assets
+	$(PY) -m pip install --quiet xgrammar "$(TORCH_SPEC)"
+	$(PY) bench/grammar_bench.py
