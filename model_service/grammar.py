@@ -115,8 +115,7 @@ def load_grammars(checkpoint: str | None, vocab_size: int, stop_token_ids: list[
         log.warning("no tokenizer files beside the checkpoint: structured output disabled", checkpoint=str(path))
         return None
     try:
-        tokenizer = load_tokenizer(path)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot load the checkpoint's tokenizer: structured output disabled", error=str(exc))
+        return Grammars(load_tokenizer(path), vocab_size, stop_token_ids)
+    except Exception as exc:  # noqa: BLE001 -- serving without structured output beats not serving
+        log.warning("cannot build the grammar engine's vocabulary: structured output disabled", error=str(exc))
         return None
-    return Grammars(tokenizer, vocab_size, stop_token_ids)
