@@ -1,5 +1,6 @@
 # llama-grpc: every target installs what it needs first.
-#   make run    start tokenizer, model and gateway on the embedded default model (Ctrl-C stops all)
+#   make run    start tokenizer, model and gateway on the embedded default model (Ctrl-C stops all);
+#               make run TLS=1: the same with TLS, mutual TLS and bearer tokens on every hop
 #   make test   the whole suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -66,8 +67,13 @@ go-tools:
 test: install node go-tools assets check-protos lint kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# make run TLS=1: TLS on every hop, mutual TLS + tokens between the services, a token from clients; the CA,
+# certificates and tokens are made once in $(SECRETS) (deploy/make_secrets.py); the banner says how to call.
+SECRETS ?= .secrets
 run: install assets
-	$(PY) -m gateway.stack $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
+	$(if $(TLS),test -f $(SECRETS)/ca.crt || $(PY) deploy/make_secrets.py $(SECRETS))
+	$(PY) -m gateway.stack $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+		$(if $(TLS),--secrets $(SECRETS))
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

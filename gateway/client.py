@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -30,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=os.environ.get("LLAMA_GATEWAY_ADDRESS", "localhost:50050"),
                         help="gateway host:port [env: LLAMA_GATEWAY_ADDRESS] (default: %(default)s)")
+    common.add_argument("--tls-ca", default=os.environ.get("LLAMA_CLIENT_TLS_CA"),
+                        help="CA (PEM) of the gateway's certificate: call over TLS [env: LLAMA_CLIENT_TLS_CA]")
+    common.add_argument("--token-file", default=os.environ.get("LLAMA_CLIENT_TOKEN_FILE"),
+                        help="file whose first line is the bearer token to send [env: LLAMA_CLIENT_TOKEN_FILE]")
     sampling = common.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, help="0: greedy (default: the server's, 0.6)")
     sampling.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (default: 0.9)")
@@ -85,7 +90,9 @@ def build_request(args: argparse.Namespace, messages: list[common_pb2.Message] |
 
 def call(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.GenerateRequest,
          args: argparse.Namespace) -> Iterator[gateway_pb2.GenerateStreamResponse | gateway_pb2.GenerateResponse]:
-    metadata = (("x-request-id", args.request_id),) if args.request_id else None
+    metadata = (("x-request-id", args.request_id),) if args.request_id else ()
+    if args.token_file:
+        metadata += (("authorization", f"Bearer {Path(args.token_file).read_text().split()[0]}"),)
     if args.unary:
         response, rpc = stub.Generate.with_call(request, timeout=args.timeout, metadata=metadata)
         args.server_request_id = dict(rpc.initial_metadata()).get("x-request-id", "")
@@ -144,9 +151,17 @@ def run_one(stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.Gene
     return "".join(text)
 
 
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS trusting --tls-ca; --token-file's first line goes with every call."""
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.address)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+    return grpc.secure_channel(args.address, credentials)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         try:
             if args.command == "complete":

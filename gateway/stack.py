@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gateway port; tokenizer +1, model +2 (default: the standard 50050/50051/50052)")
     parser.add_argument("--metrics-base-port", type=int, default=9090,
                         help="gateway metrics port; tokenizer +1, model +2 (0: metrics off)")
+    parser.add_argument("--secrets", default=None, metavar="DIR",
+                        help="TLS on every hop, mutual TLS and tokens between the services, a token from clients: "
+                             "the files deploy/make_secrets.py writes (`make run TLS=1` makes them in .secrets)")
     parser.add_argument("--raw-logs", action="store_true", help="print the services' JSON log lines as they are")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
@@ -114,20 +117,39 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         return ["--host", args.host, "--port", str(port[name]), "--metrics-port", str(metrics[name]),
                 "--log-level", args.log_level]
 
-    tokenizer = [python, "-m", "tokenizer_service", *common("tokenizer")]
+    def secured(name: str) -> list[str]:
+        """With --secrets: serve TLS; tokenizer and model require the gateway's client certificate and
+        token; the gateway requires a client token and dials them with both."""
+        if not args.secrets:
+            return []
+        path = Path(args.secrets).resolve()
+        flags = ["--tls-cert", str(path / f"{name}.crt"), "--tls-key", str(path / f"{name}.key")]
+        if name != "gateway":
+            return [*flags, "--tls-client-ca", str(path / "ca.crt"), "--auth-token-file", str(path / "upstream-tokens")]
+        return [*flags, "--auth-token-file", str(path / "gateway-tokens"), "--upstream-tls-ca", str(path / "ca.crt"),
+                "--upstream-tls-cert", str(path / "gateway-client.crt"),
+                "--upstream-tls-key", str(path / "gateway-client.key"),
+                "--upstream-auth-token-file", str(path / "upstream-tokens")]
+
+    tokenizer = [python, "-m", "tokenizer_service", *common("tokenizer"), *secured("tokenizer")]
     if args.tokenizer:
         tokenizer += ["--tokenizer", args.tokenizer]
-    model = [python, "-m", "model_service", *common("model")]
+    model = [python, "-m", "model_service", *common("model"), *secured("model")]
     if args.checkpoint:
         model += ["--checkpoint", args.checkpoint]
     gateway = [python, "-m", "gateway", *common("gateway"),
                "--tokenizer-address", f"{args.host}:{port['tokenizer']}",
-               "--model-address", f"{args.host}:{port['model']}"]
+               "--model-address", f"{args.host}:{port['model']}", *secured("gateway")]
     return {"tokenizer": tokenizer, "model": model, "gateway": gateway}
 
 
-def serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def serving(address: str, secrets: str | None = None) -> bool:
+    if secrets:  # health needs no token, only the CA (the gateway asks for no client certificate)
+        credentials = grpc.ssl_channel_credentials(root_certificates=(Path(secrets) / "ca.crt").read_bytes())
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         return is_serving(channel, timeout=1)
 
 
@@ -142,17 +164,23 @@ def banner(args: argparse.Namespace) -> str:
         pass
     address_flag = "" if address == "localhost:50050" else f" --address {address}"
     metrics = (f" (metrics: http://{host}:{args.metrics_base_port}/metrics)" if args.metrics_base_port else "")
+    grpcurl = "grpcurl -plaintext"
+    if args.secrets:
+        secrets = Path(args.secrets)
+        address_flag += f" --tls-ca {secrets / 'ca.crt'} --token-file {secrets / 'gateway-tokens'}"
+        grpcurl = (f"grpcurl -cacert {secrets / 'ca.crt'} "
+                   f"-H \"authorization: Bearer $(head -1 {secrets / 'gateway-tokens'})\"")
     return "\n".join([
         "",
-        f"llama-grpc is serving {model}",
+        f"llama-grpc is serving {model}" + (" (TLS everywhere; tokens required)" if args.secrets else ""),
         f"  gateway   {address}{metrics}",
         f"  tokenizer {host}:{args.base_port + 1}",
         f"  model     {host}:{args.base_port + 2}",
         "Try:",
         f"  {client} chat \"What is the capital of France?\" --temperature 0{address_flag}",
         f"  {client} complete \"I believe the meaning of life is\" --max-new-tokens 48{address_flag}",
-        f"  grpcurl -plaintext {address} list",
-        "  grpcurl -plaintext -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}' "
+        f"  {grpcurl} {address} list",
+        f"  {grpcurl} -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}' "
         f"{address} llama.gateway.v1.GatewayService/GenerateStream",
         "Ctrl-C stops all three.",
         "",
@@ -182,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
             exit_code = 1
             break
-        if not announced and serving(gateway_address):
+        if not announced and serving(gateway_address, args.secrets):
             print(banner(args), flush=True)
             announced = True
     for child in children.values():
