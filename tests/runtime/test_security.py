@@ -158,3 +158,18 @@ def test_bad_security_settings_stop_the_server_with_a_message(pki: Pki, tmp_path
             time.sleep(0.1)
         assert server.process.returncode not in (None, 0)
         assert message in server.log_text()
+
+
+def test_open_reflection_lists_without_a_token_but_calls_still_need_one(pki: Pki) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with ServiceProcess("tokenizer_service", "--tokenizer", str(llama3_tokenizer_path()),
+                        *pki.server_flags("tokenizer"), "--open-reflection") as server:
+        server.wait_healthy(credentials=pki.credentials())
+        with grpc.secure_channel(server.address, pki.credentials()) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                timeout=10)
+            names = [service.name for reply in replies for service in reply.list_services_response.service]
+        assert "llama.tokenizer.v1.TokenizerService" in names
+        assert refused(server, pki.credentials(), None).code() == grpc.StatusCode.UNAUTHENTICATED
