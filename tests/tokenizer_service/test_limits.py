@@ -3,16 +3,20 @@ and roles counted with content against --max-input-chars."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from llama_grpc_runtime.health import is_serving
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
 from tests.service_process import ServiceProcess
+from tests.tokenizer_service.hf_reference import hf_tokenizer_from_gguf
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +65,28 @@ def test_roles_count_with_content_against_the_input_limit(stub: tokenizer_pb2_gr
     assert stub.ApplyChatTemplate(ok, timeout=10).token_ids
     over = pb.ApplyChatTemplateRequest(messages=[common_pb2.Message(role="assistant", content=content)])  # 9 + 45
     assert "54 characters is more than the limit of 50" in refusal(stub.ApplyChatTemplate, over).details()
+
+
+def test_health_answers_while_hostile_chat_templates_run(tmp_path: Path, smollm_path: Path) -> None:
+    """A model whose own chat template loops for ever: each call ends at the render budget with
+    INVALID_ARGUMENT, on worker threads, and health keeps answering meanwhile."""
+    hf = hf_tokenizer_from_gguf.__wrapped__(smollm_path)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hostile = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": hostile}))
+    with ServiceProcess("tokenizer_service", "--tokenizer", str(tmp_path), "--threads", "2") as process:
+        process.wait_healthy()
+        with grpc.insecure_channel(process.address) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            request = pb.ApplyChatTemplateRequest(messages=[common_pb2.Message(role="user", content="hi")])
+            calls = [stub.ApplyChatTemplate.future(request, timeout=60) for _ in range(4)]
+            answered = 0
+            while not all(call.done() for call in calls):
+                assert is_serving(channel, timeout=5)  # generous: the point is that it answers at all
+                answered += 1
+                time.sleep(0.1)
+            for call in calls:
+                assert call.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "exceeded its budget" in call.details()
+    assert answered > 0
