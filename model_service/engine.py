@@ -48,6 +48,14 @@ class FinishReason(enum.Enum):
     TIME_LIMIT = "time_limit"  # time_limit_ms ran out: the output so far is the answer
 
 
+class EngineStalled(RuntimeError):
+    """A step did not come back within the engine's step_timeout."""
+
+
+class EngineBroken(RuntimeError):
+    """Steps keep failing whatever runs in them."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_token_ids: list[int]
@@ -280,7 +288,8 @@ class Engine:
 
     def __init__(self, runner: Runner, *, vocab_size: int, max_seq_len: int, max_batch_size: int,
                  max_queue: int = 64, prefill_chunk: int = 256, stop_token_ids: tuple[int, ...] = (),
-                 on_fatal: Callable[[BaseException], None] | None = None, grammars: object | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None, grammars: object | None = None,
+                 step_timeout: float | None = None, max_step_failures: int = 3) -> None:
         self.runner = runner
         self.device = runner.device
         self.vocab_size = vocab_size
@@ -290,6 +299,14 @@ class Engine:
         self.stop_token_ids = tuple(stop_token_ids)
         self.on_fatal = on_fatal
         self.grammars = grammars  # grammar.Grammars over the model's vocabulary; None: no structured output
+        # Health tells the truth: a step (forward or heartbeat) running longer than step_timeout (a
+        # wedged rank, a hung device) or max_step_failures steps in a row in which no forward
+        # succeeded (an unusable device) make the engine fail, and the service exit non-zero.
+        self.step_timeout = step_timeout
+        self.max_step_failures = max_step_failures
+        self._busy_since: float | None = None  # monotonic start of the forward/heartbeat in progress
+        self._forward_ok = False
+        self._failed_steps = 0
         self.scheduler = Scheduler(max_batch_size, prefill_chunk)
         self.metrics = engine_metrics()
         self.steps = 0
@@ -373,6 +390,20 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+        if self.step_timeout:
+            threading.Thread(target=self._watchdog, name="engine-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Fail the engine when a step has not come back within step_timeout (from its own thread:
+        the step thread is the one that is stuck)."""
+        assert self.step_timeout
+        while not self._stop:
+            busy_since = self._busy_since
+            if busy_since is not None and time.monotonic() - busy_since > self.step_timeout:
+                self.fail(EngineStalled(f"an engine step has not finished after {self.step_timeout:g} s "
+                                        "(--step-timeout): a wedged tensor-parallel rank or a hung device"))
+                return
+            time.sleep(min(1.0, self.step_timeout / 4))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the step thread (cancelling what still runs); it releases the runner on its way out."""
@@ -424,11 +455,14 @@ class Engine:
                             break
                     if self._stop:
                         break
+                self._busy_since = time.monotonic()
                 if heartbeat:
                     self.runner.heartbeat()
                 else:
                     self._step()
+                self._busy_since = None
         except BaseException as exc:  # noqa: BLE001 -- whatever it was, every waiting stream must hear
+            self._flush()  # what this step already decided (e.g. sequences it failed) goes out first
             if self._failure is None:
                 log.exception("engine step loop died")
             self.fail(exc)
@@ -447,7 +481,12 @@ class Engine:
         self._refresh_gauges()
         if work:
             started = time.perf_counter()
+            self._forward_ok = False
             self._execute(work)
+            self._failed_steps = 0 if self._forward_ok else self._failed_steps + 1
+            if self._failed_steps >= self.max_step_failures:
+                raise EngineBroken(f"{self._failed_steps} engine steps in a row failed for every sequence in "
+                                   "them: the model or its device is unusable")
             self.steps += 1
             self.metrics.step_seconds.observe(time.perf_counter() - started)
             self.metrics.step_tokens.observe(sum(item.length for item in work))
@@ -525,6 +564,7 @@ class Engine:
             self._finish(work[0].seq, None, error=ServiceError("the model failed on this request; "
                                                                "details are in the model service log"))
             return
+        self._forward_ok = True
         if any(echoing):
             rows, offset = [], 0
             for item, echo in zip(work, echoing, strict=True):

@@ -95,13 +95,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_flag("--max-new-tokens-limit", type=int, default=0,
                     help="largest max_new_tokens a request may ask for (above: INVALID_ARGUMENT); an unset "
                          "max_new_tokens means this many; 0: no limit but the context")
+    parser.add_flag("--step-timeout", type=float, default=120.0,
+                    help="seconds one engine step may take before the service declares itself wedged (a stopped "
+                         "tensor-parallel rank, a hung device): health goes NOT_SERVING and it exits 1 (0: never)")
+    parser.add_flag("--max-step-failures", type=int, default=3,
+                    help="engine steps in a row in which every forward fails before the service declares its "
+                         "model or device unusable: health goes NOT_SERVING and it exits 1")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     for flag in ("tp", "max_batch_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0 or args.max_seq_len < 0 or args.max_new_tokens_limit < 0:
-        parser.error("--max-queue, --max-seq-len and --max-new-tokens-limit must be >= 0")
+    if args.max_queue < 0 or args.max_seq_len < 0 or args.max_new_tokens_limit < 0 or args.step_timeout < 0:
+        parser.error("--max-queue, --max-seq-len, --max-new-tokens-limit and --step-timeout must be >= 0")
+    if args.max_step_failures < 1:
+        parser.error("--max-step-failures must be >= 1")
     return args
 
 
@@ -334,7 +342,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                         max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                         prefill_chunk=args.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
                         on_fatal=self._on_engine_failure,
-                        grammars=load_grammars(args.checkpoint, info.vocab_size, list(info.stop_token_ids)))
+                        grammars=load_grammars(args.checkpoint, info.vocab_size, list(info.stop_token_ids)),
+                        step_timeout=args.step_timeout or None, max_step_failures=args.max_step_failures)
         engine.warm_up()
         log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,

@@ -150,3 +150,38 @@ def test_parameters_that_could_overflow_are_refused_naming_the_field(field, para
 
     with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
         GenerationRequest([1, 2, 3], params).validate(VOCAB, 96)
+
+
+class BrokenDevice(LocalRunner):
+    def forward(self, batch, all_logits: bool) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_steps_that_keep_failing_fail_the_engine(model):
+    """An unusable device fails every forward: after max_step_failures such steps the engine gives up
+    (on_fatal: the service goes NOT_SERVING and exits non-zero), and waiting requests hear UNAVAILABLE."""
+    from llama_grpc_runtime.errors import Unavailable
+    from model_service.engine import Engine, EngineBroken
+
+    fatal = []
+    engine = Engine(BrokenDevice(model, "cpu"), vocab_size=VOCAB, max_seq_len=96, max_batch_size=2, max_queue=8,
+                    prefill_chunk=8, on_fatal=fatal.append, max_step_failures=3)
+    engine.start()
+    results = serve(engine, [GenerationRequest(prompt(4, offset=i), GREEDY, max_new_tokens=4) for i in range(10)])
+    assert len(fatal) == 1 and isinstance(fatal[0], EngineBroken)
+    assert all(isinstance(r, ServiceError) for r in results)
+    assert any(isinstance(r, Unavailable) for r in results)  # those still queued when it gave up
+
+
+def test_a_bad_request_now_and_then_is_not_a_broken_device(model):
+    """Failed steps must be consecutive: a good step in between resets the count."""
+    from model_service.engine import Engine
+
+    fatal = []
+    engine = Engine(PoisonRunner(model, "raise"), vocab_size=VOCAB, max_seq_len=96, max_batch_size=1,
+                    max_queue=8, prefill_chunk=8, on_fatal=fatal.append, max_step_failures=2)
+    engine.start()
+    good = GenerationRequest(prompt(3), GREEDY, max_new_tokens=2)
+    results = serve(engine, [BAD, good, BAD, good, BAD, good])
+    assert fatal == []
+    assert [isinstance(r, ServiceError) for r in results] == [True, False] * 3

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
@@ -80,3 +82,42 @@ def test_a_dying_rank_fails_requests_and_exits_non_zero(tiny_checkpoints):
     finally:
         proc.stop()
     assert not rank_processes(proc)
+
+
+def test_a_wedged_rank_turns_health_not_serving_and_exits_non_zero(tiny_checkpoints):
+    """SIGSTOP leaves rank 1 alive but silent: rank 0's next forward waits for it for ever. The step
+    watchdog (--step-timeout) fails the engine: the in-flight call ends UNAVAILABLE, health stops
+    saying SERVING, and the process exits 1 so the orchestrator replaces it."""
+    proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta2"]), "--tp", "2",
+                          "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--step-timeout", "3")
+    rank1 = None
+    try:
+        proc.wait_healthy(timeout=180)
+        (rank1,) = rank_processes(proc)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(proc.address) as channel:
+                call = model_pb2_grpc.ModelServiceStub(channel).Generate(request(LONG_PROMPT, **greedy(0)))
+                await call.read()
+                os.kill(rank1, signal.SIGSTOP)
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    while await call.read() != grpc.aio.EOF:
+                        pass
+                health = health_pb2_grpc.HealthStub(channel)
+                try:
+                    status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+                except grpc.aio.AioRpcError:  # already gone: just as good for a probe
+                    status = health_pb2.HealthCheckResponse.NOT_SERVING
+                return error.value, status
+
+        error, status = asyncio.run(scenario())
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert status != health_pb2.HealthCheckResponse.SERVING
+        assert proc.process.wait(60) == 1
+        failed = [e for e in proc.log_events() if e.get("event") == "engine failed"]
+        assert failed and "--step-timeout" in failed[0]["error"]
+    finally:
+        if rank1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGKILL)
+        proc.stop()
