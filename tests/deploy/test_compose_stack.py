@@ -19,6 +19,7 @@ import pytest
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.deploy.tools import REPO, compose_config
+from tests.pki import Pki, make_pki
 from tests.service_process import free_port
 
 ORDER = ("tokenizer", "model", "gateway")
@@ -39,11 +40,19 @@ def healthy(command: list[str], env: dict[str, str], process: subprocess.Popen, 
 
 
 @pytest.mark.slow
-def test_cpu_compose_services_start_serve_and_stop(tmp_path: Path) -> None:
-    done = compose_config(REPO / "deploy", "docker-compose.yml", "docker-compose.cpu.yml",
-                          env={"LLAMA_GRACE_PERIOD": "", "LLAMA_MAX_BATCH_SIZE": ""})
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_cpu_compose_services_start_serve_and_stop(tmp_path: Path, tls: bool) -> None:
+    """With docker-compose.tls.yml too: every hop over (mutual) TLS with tokens, the secrets made by
+    deploy/make_secrets.py and mounted where compose would (/run/secrets/X -> the file it names)."""
+    files = ("docker-compose.yml", "docker-compose.cpu.yml", *(("docker-compose.tls.yml",) if tls else ()))
+    secrets_dir = tmp_path / "secrets"
+    if tls:
+        make_pki(secrets_dir)
+    done = compose_config(REPO / "deploy", *files, env={"LLAMA_GRACE_PERIOD": "", "LLAMA_MAX_BATCH_SIZE": "",
+                                                        "LLAMA_SECRETS_DIR": str(secrets_dir)})
     assert done.returncode == 0, done.stderr
-    services = json.loads(done.stdout)["services"]
+    rendered = json.loads(done.stdout)
+    services = rendered["services"]
     ports = {name: free_port() for name in ORDER}
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_") or k == "LLAMA_GRPC_CACHE"}
     processes: dict[str, subprocess.Popen] = {}
@@ -52,6 +61,9 @@ def test_cpu_compose_services_start_serve_and_stop(tmp_path: Path) -> None:
         for name in ORDER:
             service = services[name]
             env = {**base_env, **service["environment"], "PYTHONUNBUFFERED": "1"}
+            mounted = {secret["target"]: rendered["secrets"][secret["source"]]["file"]
+                       for secret in service.get("secrets", [])}
+            env = {key: mounted.get(value, value) for key, value in env.items()}
             prefix = f"LLAMA_{name.upper()}"
             env[f"{prefix}_HOST"], env[f"{prefix}_PORT"], env[f"{prefix}_METRICS_PORT"] = \
                 "127.0.0.1", str(ports[name]), "0"
@@ -73,11 +85,15 @@ def test_cpu_compose_services_start_serve_and_stop(tmp_path: Path) -> None:
             # 300 s bounds CI; compose itself allows the longer start_period it renders
             assert healthy(python(test[1:]), env, processes[name], 300.0), logs[name].read_text()[-3000:]
 
-        with grpc.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
+        address = f"127.0.0.1:{ports['gateway']}"
+        pki = Pki(secrets_dir)
+        channel = grpc.secure_channel(address, pki.credentials(None)) if tls else grpc.insecure_channel(address)
+        metadata = (("authorization", f"Bearer {pki.token('gateway-tokens')}"),) if tls else ()
+        with channel:
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
                 prompt="The capital of France is",
                 sampling=common_pb2.SamplingParams(temperature=0.0),
-                stopping=common_pb2.StoppingCriteria(max_new_tokens=4)), timeout=120)
+                stopping=common_pb2.StoppingCriteria(max_new_tokens=4)), timeout=120, metadata=metadata)
         assert reply.usage.generated_tokens == len(reply.token_ids) == 4
         assert reply.finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert reply.text
