@@ -15,8 +15,8 @@ import grpc
 import jsonschema
 import pytest
 
-from llama.common.v1 import common_pb2
-from llama.model.v1 import model_pb2, model_pb2_grpc
+from llama_grpc_stubs.common.v1 import common_pb2
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from tests.service_process import ServiceProcess
 from tokenizer_service.loader import load_tokenizer
 
