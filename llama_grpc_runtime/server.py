@@ -243,7 +243,8 @@ async def _write(context: grpc.aio.ServicerContext, response: Any, stall_timeout
     """Send one stream message; a client that reads nothing for ``stall_timeout`` seconds (its flow
     control window stays full) loses the stream instead of holding the server's resources forever."""
     try:
-        await asyncio.wait_for(context.write(response), stall_timeout)
+        async with asyncio.timeout(stall_timeout):  # a timer, not a task per message as wait_for makes
+            await context.write(response)
     except TimeoutError:
         raise DeadlineExceeded(f"the client read nothing for {stall_timeout:g} s (--stall-timeout); "
                                "the stream is ended") from None
