@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 from llama_grpc_runtime.errors import InvalidArgument
+from model_files.chat import ROLES
 
-ROLES = ("system", "user", "assistant", "ipython", "tool")
 MAX_TOP_LOGPROBS = 20
 
 

@@ -34,8 +34,10 @@ from model_service.quant import (
     quantize_int8,
 )
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+# The dtypes a model is served in, by the name flags and GetModelInfo use; parse_dtype also takes
+# the usual short names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,10 @@ class LoadedModel:
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
+    if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-    return _DTYPES[dtype]
+    return DTYPES[dtype]
 
 
 def check_runtime(args: ModelArgs, tp: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from model_files.gguf_metadata import read_gguf_metadata
+from model_files.llama3 import llama3_token_facts_for_vocab
+from model_files.token_facts import gguf_token_facts, hf_token_facts
 from model_service.args import ModelArgs
 from model_service.quant import GGMLBlocks, column_bytes
 
@@ -146,11 +149,10 @@ class MetaReader(CheckpointReader):
         if "output.weight" not in self.shards[0]:
             args = replace(args, tie_word_embeddings=True)
         self.args = args
-        # Meta's Llama 3 tokenizer appends 256 special tokens after the BPE ranks: <|begin_of_text|> is
-        # the first, <|end_of_text|> +1, <|eom_id|> +8, <|eot_id|> +9 (128000/128001/128008/128009).
-        base = args.vocab_size - 256
-        self.bos_token_id = base if base > 0 else None
-        self.stop_token_ids = [base + 1, base + 8, base + 9] if base > 0 else []
+        # Meta's Llama 3 tokenizer appends its special tokens after the BPE ranks.
+        facts = llama3_token_facts_for_vocab(args.vocab_size)
+        self.bos_token_id = facts.bos_token_id if facts else None
+        self.stop_token_ids = list(facts.stop_token_ids) if facts else []
 
     def names(self) -> list[str]:
         return list(self.shards[0])
@@ -261,11 +263,9 @@ class HFReader(CheckpointReader):
             args = replace(args, tie_word_embeddings=True)
         self.args = args
         self.name = config.get("_name_or_path") or path.name
-        generation = path / "generation_config.json"
-        gen = json.loads(generation.read_text()) if generation.exists() else {}
-        eos = gen.get("eos_token_id", config.get("eos_token_id"))
-        self.stop_token_ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-        self.bos_token_id = gen.get("bos_token_id", config.get("bos_token_id"))
+        facts = hf_token_facts(path)
+        self.stop_token_ids = list(facts.stop_token_ids)
+        self.bos_token_id = facts.bos_token_id
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -295,8 +295,9 @@ _GGUF_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "at
                "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
 _GGUF_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
              "output.weight": "output.weight"}
-_GGUF_SKIP_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                     "tokenizer.ggml.scores")
+# Tens of thousands of strings each, of which the model needs only the count.
+_GGUF_COUNT_ONLY = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                              "tokenizer.ggml.scores"})
 
 
 def gguf_to_meta_name(gguf_name: str) -> str:
@@ -312,29 +313,20 @@ class GGUFReader(CheckpointReader):
         if path.is_dir():
             (path,) = path.glob("*.gguf")
         self.path = path
-        self.reader = gguf.GGUFReader(path)  # memory-maps the file
-        metadata: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key in _GGUF_SKIP_ARRAYS:  # tens of thousands of strings we only need to count
-                metadata[key] = range(len(field.data))
-                continue
-            try:
-                metadata[key] = field.contents()
-            except (ValueError, TypeError, IndexError):
-                continue
+        metadata = read_gguf_metadata(path, count_only=_GGUF_COUNT_ONLY)
         self.metadata = metadata
+        self.reader = gguf.GGUFReader(path)  # memory-maps the file; used for the tensors only
         # The parsed fields hold one numpy array per vocabulary string (~150 MB for a 128K vocab);
-        # everything we need from them is in `metadata` now.
+        # the metadata came from read_gguf_metadata.
         self.reader.fields.clear()
         self.tensors = {gguf_to_meta_name(t.name): t for t in self.reader.tensors}
         rope_freqs = self.tensors.get("rope_freqs.weight")
         factors = None if rope_freqs is None else self._dequantize(rope_freqs).reshape(-1).tolist()
         self.args = ModelArgs.from_gguf(metadata, factors, has_output_weight="output.weight" in self.tensors)
         self.name = str(metadata.get("general.name") or path.stem)
-        stops = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eom", "eot")]
-        self.stop_token_ids = list(dict.fromkeys(int(s) for s in stops if s is not None))
-        bos = metadata.get("tokenizer.ggml.bos_token_id")
-        self.bos_token_id = None if bos is None else int(bos)
+        facts = gguf_token_facts(metadata)
+        self.stop_token_ids = list(facts.stop_token_ids)
+        self.bos_token_id = facts.bos_token_id
 
     @staticmethod
     def _dequantize(tensor: Any, rows: slice = slice(None)) -> torch.Tensor:

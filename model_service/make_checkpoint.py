@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model_files.llama3 import llama3_token_facts_for_vocab
 from model_service.args import LLAMA3_ROPE_SCALING, ModelArgs, llama3_rope_divisors
 from model_service.checkpoint import hf_permute, meta_to_hf_name, open_checkpoint, parallel_dim
 
@@ -49,9 +50,9 @@ FORMATS = ("meta", "hf", "gguf")
 
 
 def special_token_ids(args: ModelArgs) -> tuple[int | None, list[int]]:
-    """(bos, stops) in Meta's Llama 3 layout: 256 special tokens after the BPE ranks."""
-    base = args.vocab_size - 256
-    return (base, [base + 1, base + 8, base + 9]) if base > 0 else (None, [])
+    """(bos, stops) in Meta's Llama 3 layout: its special tokens after the BPE ranks."""
+    facts = llama3_token_facts_for_vocab(args.vocab_size)
+    return (facts.bos_token_id, list(facts.stop_token_ids)) if facts else (None, [])
 
 
 def tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

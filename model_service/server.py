@@ -29,6 +29,7 @@ from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
+from .build import DTYPES
 from .engine import (
     Engine,
     FinishReason,
@@ -59,7 +60,6 @@ from .tp_worker import LoadOptions, TensorParallelRunner
 log = structlog.get_logger()
 
 SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FINISH_REASONS = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP_TOKEN: common_pb2.FINISH_REASON_STOP_TOKEN,

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .build import DTYPES
+
 log = structlog.get_logger()
 
 HEARTBEAT, FORWARD, STOP = 0, 1, 2
 HEARTBEAT_INTERVAL_S = 5.0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ package named ``llama``; our generated stubs are ``llama_grpc_stubs`` and our ru
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("llama_grpc_runtime", "tokenizer_service", "model_service", "gateway")
+PACKAGES = ("llama_grpc_runtime", "model_files", "tokenizer_service", "model_service", "gateway")
 
 
 def source_modules() -> list[str]:
@@ -63,3 +64,75 @@ def test_services_run_beside_another_top_level_llama_package(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": path}, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its source (top level, inside functions,
+    under ``if TYPE_CHECKING``): a lazy import hides a cycle from Python, not from a reader."""
+    modules = set(source_modules())
+    graph: dict[str, set[str]] = {}
+    for module in modules:
+        root = REPO / "protos" if module.startswith("llama_grpc_stubs") else REPO
+        path = root / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[module] = {target for target in targets if target in modules and target != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_tokenizer_core_knows_nothing_of_chat_formats() -> None:
+    graph = import_graph()
+    chat = {m for m in graph if m.startswith("tokenizer_service.") and "chat" in m}
+    assert chat and not graph["tokenizer_service.tokenizer"] & chat

@@ -1,4 +1,4 @@
-"""Byte-level BPE vocabularies (GPT-2 style) from a GGUF file or a Hugging Face ``tokenizer.json``.
+"""Byte-level BPE (GPT-2 style), as GGUF files and Hugging Face ``tokenizer.json`` store it.
 
 Both store tokens as GPT-2's printable stand-ins for bytes ("Ġ" for a space) plus a merge list.
 tiktoken wants ``bytes -> rank`` and merges greedily by rank, so the strings are turned back into
@@ -10,27 +10,9 @@ where it is not, rather than tokenizing it subtly wrong.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from functools import cache
 
-# Pre-tokenizer regexes, by the name llama.cpp writes to ``tokenizer.ggml.pre``.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2's tokenizer.json runs Digits(individual_digits) then GPT-2's ByteLevel regex; this single
-# pattern reproduces that pair exactly (the digits split is why a space before a digit stands alone).
-SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-GGUF_PRE_TOKENIZERS = {
-    "default": GPT2_PATTERN,
-    "gpt-2": GPT2_PATTERN,
-    "smollm": SMOLLM_PATTERN,
-    "llama-bpe": LLAMA3_PATTERN,
-    "llama3": LLAMA3_PATTERN,
-}
-
-
-class UnsupportedTokenizer(ValueError):
-    """The files describe a tokenizer this service cannot run exactly (it refuses instead of guessing)."""
+from .vocabulary import UnsupportedTokenizer
 
 
 @cache
@@ -53,30 +35,6 @@ def token_bytes(token: str) -> bytes:
         return bytes(table[char] for char in token)
     except KeyError as exc:
         raise UnsupportedTokenizer(f"token {token!r} is not byte-level BPE (character {exc} has no byte)") from None
-
-
-@dataclass
-class Vocabulary:
-    """Everything needed to run a tokenizer with tiktoken, whatever file it came from."""
-
-    name: str
-    pattern: str
-    mergeable_ranks: dict[bytes, int]
-    special_tokens: dict[str, int]
-    bos_token_id: int
-    eos_token_id: int
-    stop_token_ids: list[int]
-    chat_template: str | None = None  # Jinja source; None: Meta's Llama 3 ChatFormat
-    # Meta's reference cuts input into 400k-char pieces and 25k-char runs; HF/llama.cpp do not.
-    meta_chunking: bool = False
-    bos_token: str = ""
-    eos_token: str = ""
-    add_bos_token: bool = True  # a plain text prompt starts with BOS (text completion)
-    extra: dict[str, str] = field(default_factory=dict)  # more template variables (unk_token, ...)
-
-    @property
-    def vocab_size(self) -> int:
-        return max(max(self.mergeable_ranks.values()), max(self.special_tokens.values(), default=-1)) + 1
 
 
 def check_rank_order(merges: Iterable[str | list[str]], token_ids: dict[str, int], source: str) -> None:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -35,11 +35,11 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama_grpc_runtime.errors import InvalidArgument
+from model_files.chat import JINJA_CHAT_FORMAT
 
-if TYPE_CHECKING:
-    from .byte_level import Vocabulary
-    from .tokenizer import ChatPrompt, Tokenizer
-
+from .chat_format import ChatPrompt
+from .tokenizer import Tokenizer
+from .vocabulary import Vocabulary
 
 RENDER_SECONDS = 2.0
 RENDER_CHARS = 1 << 20  # + 4 per input character: the longest string, list or rendering allowed
@@ -210,8 +210,7 @@ def _marker_pair(texts: list[str]) -> tuple[str, str]:
 
 
 class JinjaChatFormat:
-    name = "jinja"
-    roles = ("system", "user", "assistant", "tool")
+    name = JINJA_CHAT_FORMAT
 
     def __init__(self, tokenizer: Tokenizer, vocab: Vocabulary) -> None:
         assert vocab.chat_template is not None
@@ -244,12 +243,7 @@ class JinjaChatFormat:
             raise InvalidArgument("messages", f"the model's chat template failed on them: {exc}") from exc
 
     def apply(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> ChatPrompt:
-        from .tokenizer import ChatPrompt
-
-        for index, (role, _) in enumerate(messages):
-            if role not in self.roles:
-                raise InvalidArgument(f"messages[{index}].role",
-                                      f"unknown role {role!r}; expected one of {', '.join(self.roles)}")
+        """Messages whose roles are already checked (chat_format.checked_messages) -> the prompt."""
         plain = [{"role": role, "content": content} for role, content in messages]
         text = self.render(plain, add_generation_prompt)
         open_mark, close_mark = _marker_pair([self.source, text, *(content for _, content in messages)])

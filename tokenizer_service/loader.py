@@ -7,13 +7,12 @@ from pathlib import Path
 
 from llama_grpc_runtime.assets import default_model_path
 
-from .byte_level import UnsupportedTokenizer
-from .llama3 import vocab_from_tiktoken_model
-from .model_files import vocab_from_gguf, vocab_from_hf_dir
-from .tokenizer import Tokenizer
+from .chat import ChatTokenizer
+from .vocab_files import vocab_from_gguf, vocab_from_hf_dir, vocab_from_tiktoken_model
+from .vocabulary import UnsupportedTokenizer
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+def load_tokenizer(path: str | Path | None = None) -> ChatTokenizer:
     """Accepts, detected from what it finds:
 
     - None: the embedded default model (SmolLM2-135M-Instruct GGUF);
@@ -32,20 +31,20 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
 
 
 @lru_cache(maxsize=4)
-def _load(path: Path, mtime_ns: int) -> Tokenizer:
+def _load(path: Path, mtime_ns: int) -> ChatTokenizer:
     """Tokenizers are immutable: one per file version per process (tests and stacks load them often)."""
     if path.is_dir():
         if (path / "tokenizer.model").is_file():
-            return Tokenizer(vocab_from_tiktoken_model(path / "tokenizer.model"))
+            return ChatTokenizer(vocab_from_tiktoken_model(path / "tokenizer.model"))
         if (path / "tokenizer.json").is_file():
-            return Tokenizer(vocab_from_hf_dir(path))
+            return ChatTokenizer(vocab_from_hf_dir(path))
         if (path / "original" / "tokenizer.model").is_file():  # HF download of a Meta model
-            return Tokenizer(vocab_from_tiktoken_model(path / "original" / "tokenizer.model"))
+            return ChatTokenizer(vocab_from_tiktoken_model(path / "original" / "tokenizer.model"))
         raise UnsupportedTokenizer(f"{path} holds neither tokenizer.model (Meta) nor tokenizer.json (Hugging Face)")
     if path.name == "tokenizer.json":
-        return Tokenizer(vocab_from_hf_dir(path.parent))
+        return ChatTokenizer(vocab_from_hf_dir(path.parent))
     with open(path, "rb") as file:  # opened once: a named pipe works too
         magic = file.read(4)
         if magic != b"GGUF":
-            return Tokenizer(vocab_from_tiktoken_model(path, magic + file.read()))
-    return Tokenizer(vocab_from_gguf(path))
+            return ChatTokenizer(vocab_from_tiktoken_model(path, magic + file.read()))
+    return ChatTokenizer(vocab_from_gguf(path))

@@ -20,8 +20,8 @@ from prometheus_client import Counter
 from llama_grpc_runtime.errors import InvalidArgument, Unavailable
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
+from .chat import ChatTokenizer
 from .loader import load_tokenizer
-from .tokenizer import Tokenizer
 
 # Work on fewer characters (or 4 x ids) than this runs on the event loop: a thread hop costs more.
 # Larger work goes to the worker threads (tiktoken releases the GIL), so concurrent calls use cores.
@@ -46,7 +46,7 @@ def token_metrics() -> TokenMetrics:
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, max_input_chars: int, threads: int, max_decode_ids: int = 1_000_000,
                  max_chat_messages: int = 4096) -> None:
-        self.tokenizer: Tokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
+        self.tokenizer: ChatTokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
         self.max_input_chars = max_input_chars
         self.max_decode_ids = max_decode_ids
         self.max_chat_messages = max_chat_messages
@@ -55,7 +55,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenizer")
         self._encodes_in_flight = 0  # large Encode calls whose parts are with the workers
 
-    async def load(self, path: str | None) -> Tokenizer:
+    async def load(self, path: str | None) -> ChatTokenizer:
         """Load in a worker thread, then give every worker (and the loop's thread) its tiktoken
         Encoding up front, so the first calls do not pay for building them."""
         loop = asyncio.get_running_loop()
@@ -71,7 +71,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.tokenizer = tokenizer
         return tokenizer
 
-    def _ready(self) -> Tokenizer:
+    def _ready(self) -> ChatTokenizer:
         if self.tokenizer is None:
             raise Unavailable("the tokenizer is still loading")
         return self.tokenizer
@@ -91,7 +91,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             return work()
         return await asyncio.get_running_loop().run_in_executor(self.pool, work)
 
-    async def _encode(self, tokenizer: Tokenizer, text: str, **options: bool) -> list[int]:
+    async def _encode(self, tokenizer: ChatTokenizer, text: str, **options: bool) -> list[int]:
         if len(text) <= _INLINE_CHARS:
             return tokenizer.encode(text, **options)
         # Idle workers take a share of this text, cut where the result cannot change: one large

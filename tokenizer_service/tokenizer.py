@@ -1,4 +1,7 @@
-"""The tokenizer core: tiktoken over a ``Vocabulary``, plus chat formatting and streaming decode.
+"""The tokenizer core: tiktoken over a ``Vocabulary``: encode, decode, streaming decode.
+
+Chat formats are built on top of it (``chat.py``, as Meta's ``ChatFormat(tokenizer)``); it knows
+nothing of them.
 
 Plain Python in, plain Python out (no protobuf); bad input raises ``InvalidArgument`` naming the field.
 """
@@ -8,19 +11,16 @@ from __future__ import annotations
 import codecs
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Any
 
 import regex
 import tiktoken
 
-from llama_grpc_runtime.errors import FailedPrecondition, InvalidArgument
+from llama_grpc_runtime.errors import InvalidArgument
 
-from .byte_level import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, Vocabulary
-from .chat_template import JinjaChatFormat
-from .llama3 import Llama3ChatFormat
+from .patterns import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN
+from .vocabulary import Vocabulary
 
 # Meta's reference: "The tiktoken tokenizer can handle <=400k chars without pyo3_runtime.PanicException"
 # and https://github.com/openai/tiktoken/issues/195 for runs of (non-)whitespace.
@@ -28,12 +28,6 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
 # Pre-tokenizers for which split_at_word_gaps is exact (checked by the tests, pattern by pattern).
 WORD_GAP_PATTERNS = (LLAMA3_PATTERN, GPT2_PATTERN, SMOLLM_PATTERN)
-
-
-@dataclass(frozen=True)
-class ChatPrompt:
-    token_ids: list[int]
-    text: str  # the rendered prompt, special tokens included
 
 
 def split_whitespaces_or_nonwhitespaces(s: str, max_consecutive_slice_len: int) -> Iterator[str]:
@@ -127,13 +121,6 @@ class Tokenizer:
             if missing else None
         self._pieces = regex.compile(vocab.pattern)
         self._word_gaps_are_boundaries = vocab.pattern in WORD_GAP_PATTERNS
-        if vocab.meta_chunking:
-            self.chat: Llama3ChatFormat | JinjaChatFormat | None = Llama3ChatFormat(self)
-        elif vocab.chat_template:
-            self.chat = JinjaChatFormat(self, vocab)
-        else:
-            self.chat = None
-        self.chat_format = self.chat.name if self.chat else "none"
 
     def encoding(self) -> tiktoken.Encoding:
         """This thread's tiktoken ``Encoding``. Measured: an Encoding's regex runs ~25% slower in
@@ -145,7 +132,7 @@ class Tokenizer:
         return encoding
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, chat_format={self.chat_format!r})"
+        return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size})"
 
     # --- encode --------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False,
@@ -236,30 +223,6 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
-
-    # --- chat ----------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[Any], *, add_generation_prompt: bool = True) -> ChatPrompt:
-        """Messages ((role, content) pairs, or objects/mappings with role and content) -> prompt."""
-        if self.chat is None:
-            raise FailedPrecondition(f"{self.name} has no chat template")
-        if not messages:
-            raise InvalidArgument("messages", "at least one message is required")
-        pairs = [_role_and_content(index, message) for index, message in enumerate(messages)]
-        return self.chat.apply(pairs, add_generation_prompt)
-
-
-def _role_and_content(index: int, message: Any) -> tuple[str, str]:
-    if isinstance(message, Mapping):
-        role, content = message.get("role"), message.get("content")
-    elif isinstance(message, tuple | list) and len(message) == 2:
-        role, content = message
-    else:
-        role, content = getattr(message, "role", None), getattr(message, "content", None)
-    if not isinstance(role, str):
-        raise InvalidArgument(f"messages[{index}].role", "must be a string")
-    if not isinstance(content, str):
-        raise InvalidArgument(f"messages[{index}].content", "must be a string")
-    return role, content
 
 
 class StreamDecoder:

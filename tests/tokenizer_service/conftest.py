@@ -9,7 +9,7 @@ import pytest
 from llama_grpc_runtime.assets import default_model_path, llama3_tokenizer_path
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
 from tests.service_process import ServiceProcess
-from tokenizer_service import Tokenizer, load_tokenizer
+from tokenizer_service import ChatTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +23,12 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama3(llama3_path: Path) -> Tokenizer:
+def llama3(llama3_path: Path) -> ChatTokenizer:
     return load_tokenizer(llama3_path)
 
 
 @pytest.fixture(scope="session")
-def smollm() -> Tokenizer:
+def smollm() -> ChatTokenizer:
     return load_tokenizer(None)
 
 

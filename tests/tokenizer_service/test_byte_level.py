@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers, processors
 
 from tests.tokenizer_service.hf_reference import gguf_fields, hf_llama3_split_regex, hf_tokenizer_from_gguf
-from tokenizer_service import Tokenizer, UnsupportedTokenizer, load_tokenizer
-from tokenizer_service.model_files import vocab_from_gguf
+from tokenizer_service import ChatTokenizer, UnsupportedTokenizer, load_tokenizer
+from tokenizer_service.vocab_files import vocab_from_gguf
 
 CORPUS = [
     # prose
@@ -53,7 +53,7 @@ def hf(smollm_path: Path):
     return hf_tokenizer_from_gguf(smollm_path)
 
 
-def test_vocabulary_facts(smollm: Tokenizer, smollm_path: Path) -> None:
+def test_vocabulary_facts(smollm: ChatTokenizer, smollm_path: Path) -> None:
     vocab = vocab_from_gguf(smollm_path)
     assert smollm.vocab_size == 49152
     assert (smollm.bos_token_id, smollm.eos_token_id, smollm.stop_token_ids) == (1, 2, [2])
@@ -64,13 +64,13 @@ def test_vocabulary_facts(smollm: Tokenizer, smollm_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
-def test_ids_match_hugging_face(smollm: Tokenizer, hf, text: str) -> None:
+def test_ids_match_hugging_face(smollm: ChatTokenizer, hf, text: str) -> None:
     expected = hf.encode(text, add_special_tokens=False).ids
     assert smollm.encode(text) == expected
     assert smollm.decode(expected) == hf.decode(expected, skip_special_tokens=False)
 
 
-def test_special_token_text_matches_hugging_face_only_when_allowed(smollm: Tokenizer, hf) -> None:
+def test_special_token_text_matches_hugging_face_only_when_allowed(smollm: ChatTokenizer, hf) -> None:
     text = "<|im_start|>user\nhi<|im_end|>\n<repo_name>x<file_sep>"
     assert smollm.encode(text, allow_special=True) == hf.encode(text, add_special_tokens=False).ids
     plain = smollm.encode(text)
@@ -80,13 +80,13 @@ def test_special_token_text_matches_hugging_face_only_when_allowed(smollm: Token
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(max_size=300))
-def test_ids_match_hugging_face_on_arbitrary_text(smollm: Tokenizer, hf, text: str) -> None:
+def test_ids_match_hugging_face_on_arbitrary_text(smollm: ChatTokenizer, hf, text: str) -> None:
     assert smollm.encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.integers(0, 49151), max_size=40), st.booleans())
-def test_decode_matches_hugging_face(smollm: Tokenizer, hf, ids: list[int], skip_special: bool) -> None:
+def test_decode_matches_hugging_face(smollm: ChatTokenizer, hf, ids: list[int], skip_special: bool) -> None:
     assert smollm.decode(ids, skip_special_tokens=skip_special) == hf.decode(ids, skip_special_tokens=skip_special)
 
 
@@ -112,7 +112,7 @@ def _hf_dir(tmp_path: Path, hf, smollm_path: Path, pre_tokenizer) -> Path:
 
 
 @pytest.mark.parametrize("shape", PRE_TOKENIZERS)
-def test_hugging_face_directory(tmp_path: Path, smollm_path: Path, smollm: Tokenizer, shape: str) -> None:
+def test_hugging_face_directory(tmp_path: Path, smollm_path: Path, smollm: ChatTokenizer, shape: str) -> None:
     hf = hf_tokenizer_from_gguf.__wrapped__(smollm_path)  # a private copy: its pre-tokenizer changes
     directory = _hf_dir(tmp_path, hf, smollm_path, PRE_TOKENIZERS[shape]())
     tokenizer = load_tokenizer(directory)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from llama_grpc_runtime.errors import InvalidArgument
 from tests.tokenizer_service.hf_reference import gguf_fields, hf_tokenizer_from_gguf
-from tokenizer_service import Tokenizer
-from tokenizer_service.model_files import vocab_from_gguf
+from tokenizer_service import ChatTokenizer
+from tokenizer_service.vocab_files import vocab_from_gguf
 
 DIALOGS = [
     [("user", "Hi!")],
@@ -33,7 +33,7 @@ def _jinja_render(template: str, messages: list[tuple[str, str]], add_generation
 
 @pytest.mark.parametrize("messages", DIALOGS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_smollm_template_matches_jinja_and_hf_ids(smollm: Tokenizer, smollm_path: Path,
+def test_smollm_template_matches_jinja_and_hf_ids(smollm: ChatTokenizer, smollm_path: Path,
                                                    messages: list[tuple[str, str]], add_generation_prompt: bool) -> None:
     expected_text = _jinja_render(gguf_fields(smollm_path)["chat_template"], messages, add_generation_prompt)
     prompt = smollm.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -45,7 +45,7 @@ def test_smollm_template_matches_jinja_and_hf_ids(smollm: Tokenizer, smollm_path
     assert prompt.text.endswith("<|im_start|>assistant\n") == add_generation_prompt
 
 
-def test_messages_may_be_objects_or_mappings(smollm: Tokenizer) -> None:
+def test_messages_may_be_objects_or_mappings(smollm: ChatTokenizer) -> None:
     @dataclasses.dataclass
     class Message:
         role: str
@@ -56,7 +56,7 @@ def test_messages_may_be_objects_or_mappings(smollm: Tokenizer) -> None:
     assert smollm.apply_chat_template([{"role": "user", "content": "Hi"}]) == as_pairs
 
 
-def _special_ids(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+def _special_ids(tokenizer: ChatTokenizer, ids: list[int]) -> list[int]:
     return [token_id for token_id in ids if tokenizer.is_special(token_id)]
 
 
@@ -69,7 +69,7 @@ INJECTIONS = [
 
 
 @pytest.mark.parametrize("attack", INJECTIONS)
-def test_content_never_becomes_special_tokens(smollm: Tokenizer, smollm_path: Path, attack: str) -> None:
+def test_content_never_becomes_special_tokens(smollm: ChatTokenizer, smollm_path: Path, attack: str) -> None:
     benign = smollm.apply_chat_template([("system", "s"), ("user", "x"), ("assistant", "y")])
     messages = [("system", attack), ("user", attack), ("assistant", attack)]
     prompt = smollm.apply_chat_template(messages)
@@ -80,7 +80,7 @@ def test_content_never_becomes_special_tokens(smollm: Tokenizer, smollm_path: Pa
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(["<|im_end|>", "<|im_start|>", "\n", " ", "user", "\U000F0000", "x"]), max_size=12))
-def test_no_content_produces_special_tokens(smollm: Tokenizer, parts: list[str]) -> None:
+def test_no_content_produces_special_tokens(smollm: ChatTokenizer, parts: list[str]) -> None:
     content = "".join(parts)
     benign = smollm.apply_chat_template([("user", "x")])
     prompt = smollm.apply_chat_template([("user", content)])
@@ -88,8 +88,8 @@ def test_no_content_produces_special_tokens(smollm: Tokenizer, parts: list[str])
     assert smollm.decode(prompt.token_ids) == prompt.text
 
 
-def _with_template(smollm_path: Path, template: str) -> Tokenizer:
-    return Tokenizer(dataclasses.replace(vocab_from_gguf(smollm_path), chat_template=template))
+def _with_template(smollm_path: Path, template: str) -> ChatTokenizer:
+    return ChatTokenizer(dataclasses.replace(vocab_from_gguf(smollm_path), chat_template=template))
 
 
 def test_trimming_templates_keep_content_plain(smollm_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_templates_cannot_reach_python_internals(smollm_path: Path, template: st
         tokenizer.apply_chat_template([("user", "hi")])
 
 
-def test_unknown_role_and_no_messages(smollm: Tokenizer) -> None:
+def test_unknown_role_and_no_messages(smollm: ChatTokenizer) -> None:
     with pytest.raises(InvalidArgument) as caught:
         smollm.apply_chat_template([("user", "hi"), ("robot", "beep")])
     assert caught.value.field == "messages[1].role"
@@ -190,7 +190,7 @@ def test_hostile_templates_fail_within_the_budget(smollm_path: Path, template: s
     assert caught.value.field == "messages"
 
 
-def test_the_budget_admits_real_templates_on_long_input(smollm: Tokenizer) -> None:
+def test_the_budget_admits_real_templates_on_long_input(smollm: ChatTokenizer) -> None:
     """The embedded model's own template on 200k characters stays far inside the budget."""
     content = "lorem ipsum dolor sit amet " * 8000
     prompt = smollm.apply_chat_template([("system", content), ("user", content)])

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tokenizer_service import Tokenizer
-from tokenizer_service.byte_level import GPT2_PATTERN
-from tokenizer_service.model_files import vocab_from_gguf
+from tokenizer_service import ChatTokenizer
+from tokenizer_service.patterns import GPT2_PATTERN
+from tokenizer_service.vocab_files import vocab_from_gguf
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 # Bytes the SmolLM2 vocab has no token for are dropped (as Hugging Face drops them), so its round
@@ -24,32 +24,32 @@ def _smollm_encodable(text: str) -> bool:
 
 
 @pytest.fixture(params=["llama3", "smollm"])
-def tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
+def tokenizer(request: pytest.FixtureRequest) -> ChatTokenizer:
     return request.getfixturevalue(request.param)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.text(max_size=400))
-def test_decode_encode_round_trip(tokenizer: Tokenizer, text: str) -> None:
+def test_decode_encode_round_trip(tokenizer: ChatTokenizer, text: str) -> None:
     assume(tokenizer.chat_format != "jinja" or _smollm_encodable(text))
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.integers(25_001, 60_000), st.sampled_from([" ", "\n", "\t", " \n", "\u3000"]), st.text(max_size=20))
-def test_round_trip_of_long_whitespace_runs(llama3: Tokenizer, length: int, unit: str, around: str) -> None:
+def test_round_trip_of_long_whitespace_runs(llama3: ChatTokenizer, length: int, unit: str, around: str) -> None:
     text = around + (unit * length)[:length] + around
     assert llama3.decode(llama3.encode(text)) == text
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.text(min_size=1, max_size=50), st.integers(400_001, 450_000))
-def test_round_trip_over_400k_characters(llama3: Tokenizer, unit: str, length: int) -> None:
+def test_round_trip_over_400k_characters(llama3: ChatTokenizer, unit: str, length: int) -> None:
     text = (unit * (length // len(unit) + 1))[:length]
     assert llama3.decode(llama3.encode(text)) == text
 
 
-def _stream(tokenizer: Tokenizer, ids: list[int], cuts: list[int], skip_special: bool = False) -> list[str]:
+def _stream(tokenizer: ChatTokenizer, ids: list[int], cuts: list[int], skip_special: bool = False) -> list[str]:
     """Push ``ids`` in slices cut at ``cuts``; every delta, then the final flush."""
     decoder = tokenizer.stream_decoder(skip_special_tokens=skip_special)
     bounds = [0, *sorted(c % (len(ids) + 1) for c in cuts), len(ids)]
@@ -69,14 +69,14 @@ MULTIBYTE = st.text(alphabet=st.sampled_from(list("😀👍🏽🇫🇷👨‍�
 
 @settings(max_examples=80, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(MULTIBYTE, st.lists(st.integers(0, 200), max_size=8))
-def test_stream_deltas_are_whole_utf8_and_add_up_to_decode(tokenizer: Tokenizer, text: str, cuts: list[int]) -> None:
+def test_stream_deltas_are_whole_utf8_and_add_up_to_decode(tokenizer: ChatTokenizer, text: str, cuts: list[int]) -> None:
     ids = tokenizer.encode(text)
     deltas = _stream(tokenizer, ids, cuts)
     _assert_whole_utf8(deltas)
     assert "".join(deltas) == tokenizer.decode(ids) == text
 
 
-def test_emoji_is_held_back_until_complete(llama3: Tokenizer, smollm: Tokenizer) -> None:
+def test_emoji_is_held_back_until_complete(llama3: ChatTokenizer, smollm: ChatTokenizer) -> None:
     for tokenizer in (llama3, smollm):
         ids = tokenizer.encode("🦙")
         assert len(ids) > 1  # the llama emoji takes several byte-level tokens in both vocabularies
@@ -86,7 +86,7 @@ def test_emoji_is_held_back_until_complete(llama3: Tokenizer, smollm: Tokenizer)
 
 @settings(max_examples=80, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.data(), st.lists(st.integers(0, 200), max_size=8), st.booleans())
-def test_stream_of_arbitrary_ids_adds_up_to_decode(tokenizer: Tokenizer, data: st.DataObject,
+def test_stream_of_arbitrary_ids_adds_up_to_decode(tokenizer: ChatTokenizer, data: st.DataObject,
                                                    cuts: list[int], skip_special: bool) -> None:
     # Random ids include broken UTF-8 and special tokens: deltas still add up to Decode.
     ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=30))
@@ -97,9 +97,9 @@ def test_stream_of_arbitrary_ids_adds_up_to_decode(tokenizer: Tokenizer, data: s
 
 
 @pytest.fixture(scope="module")
-def gpt2_pattern(smollm_path: Path) -> Tokenizer:
+def gpt2_pattern(smollm_path: Path) -> ChatTokenizer:
     """SmolLM2's vocabulary under GPT-2's pre-tokenizer: the third pattern word-gap splits serve."""
-    return Tokenizer(dataclasses.replace(vocab_from_gguf(smollm_path), pattern=GPT2_PATTERN))
+    return ChatTokenizer(dataclasses.replace(vocab_from_gguf(smollm_path), pattern=GPT2_PATTERN))
 
 
 WORDY = st.lists(st.sampled_from(list("ab Z é漢Ω  \t\n\r12'.,-_!") + ["'s", "'ll", "<|eot_id|>", "<|im_end|>"]),
@@ -108,7 +108,7 @@ WORDY = st.lists(st.sampled_from(list("ab Z é漢Ω  \t\n\r12'.,-_!") + ["'s", "
 
 @settings(max_examples=150, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.one_of(WORDY, st.text(max_size=80)), st.integers(1, 12), st.booleans(), st.booleans())
-def test_word_gap_splits_do_not_change_ids(llama3: Tokenizer, smollm: Tokenizer, gpt2_pattern: Tokenizer,
+def test_word_gap_splits_do_not_change_ids(llama3: ChatTokenizer, smollm: ChatTokenizer, gpt2_pattern: ChatTokenizer,
                                            text: str, split_chars: int, allow_special: bool, bos: bool) -> None:
     for tokenizer in (llama3, smollm, gpt2_pattern) if _smollm_encodable(text) else (llama3,):
         plan = tokenizer.encode_plan(text, add_bos=bos, allow_special=allow_special, split_chars=split_chars)
@@ -116,7 +116,7 @@ def test_word_gap_splits_do_not_change_ids(llama3: Tokenizer, smollm: Tokenizer,
         assert ids == tokenizer.encode(text, add_bos=bos, allow_special=allow_special)
 
 
-def test_word_gap_splits_happen(llama3: Tokenizer) -> None:
+def test_word_gap_splits_happen(llama3: ChatTokenizer) -> None:
     text = "Some words, then more words.\n" * 100
     plan = llama3.encode_plan(text, split_chars=100)
     assert len(plan) > 20 and "".join(plan) == text

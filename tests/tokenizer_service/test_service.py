@@ -11,7 +11,7 @@ from llama_grpc_stubs.common.v1.common_pb2 import Message
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
 from tests.service_process import ServiceProcess
-from tokenizer_service import Tokenizer
+from tokenizer_service import ChatTokenizer
 
 GOLDEN_IDS = [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
 GOLDEN_DIALOG = [128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009, 128006, 882, 128007,
@@ -135,7 +135,7 @@ def test_chat_refusals(llama3_stub: TokenizerServiceStub, smollm_stub: Tokenizer
         assert details.startswith("messages: ")
 
 
-def test_oversize_input_is_refused(llama3_stub: TokenizerServiceStub, llama3: Tokenizer) -> None:
+def test_oversize_input_is_refused(llama3_stub: TokenizerServiceStub, llama3: ChatTokenizer) -> None:
     # The llama3 server runs with --max-input-chars 500000: exactly that many is fine.
     text = "a " * 250_000
     assert list(llama3_stub.Encode(pb.EncodeRequest(text=text)).token_ids) == llama3.encode(text)

@@ -1,4 +1,7 @@
-"""Read the key/value metadata of a GGUF file (where a model keeps its tokenizer), not its tensors.
+"""Read the key/value metadata of a GGUF file (architecture, tokenizer, chat template), not its tensors.
+
+The one metadata reader: the tokenizer service builds its vocabulary from it, the model service its
+``ModelArgs`` and stop tokens (the tensors it reads with the ``gguf`` package).
 
 The format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic "GGUF", a uint32
 version (2 or 3), uint64 tensor and key/value counts, then the key/value pairs, little-endian. The
@@ -41,6 +44,22 @@ class _Cursor:
         # Vocab strings are UTF-8; a tokenizer with raw byte tokens would store them escaped.
         return raw.decode("utf-8", errors="surrogateescape")
 
+    def skip_array(self) -> int:
+        """Step over an array without decoding its items; return its length."""
+        item_type, count = self.unpack("I"), self.unpack("Q")
+        if item_type in _SCALARS:
+            self.offset += count * struct.calcsize(_SCALARS[item_type])
+        elif item_type == _STRING:
+            for _ in range(count):
+                length = self.unpack("Q")  # (not `offset += unpack()`: unpack moves the offset first)
+                self.offset += length
+        else:
+            for _ in range(count):
+                self.value(item_type)
+        if self.offset > len(self.data):
+            raise GGUFError("truncated array")
+        return count
+
     def value(self, value_type: int) -> Any:
         if value_type in _SCALARS:
             return self.unpack(_SCALARS[value_type])
@@ -57,8 +76,11 @@ class _Cursor:
         raise GGUFError(f"unknown GGUF value type {value_type}")
 
 
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file (``tokenizer.ggml.tokens``, ``general.architecture``, ...)."""
+def read_gguf_metadata(path: str | Path, count_only: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file (``tokenizer.ggml.tokens``, ``general.architecture``, ...).
+
+    Arrays named in ``count_only`` are not decoded: their value is ``range(length)`` (the model
+    service needs the vocabulary's size, not its 128K strings)."""
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         cursor = _Cursor(data)
         try:
@@ -73,7 +95,11 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             metadata: dict[str, Any] = {}
             for _ in range(kv_count):
                 key = cursor.string()
-                metadata[key] = cursor.value(cursor.unpack("I"))
+                value_type = cursor.unpack("I")
+                if key in count_only and value_type == _ARRAY:
+                    metadata[key] = range(cursor.skip_array())
+                else:
+                    metadata[key] = cursor.value(value_type)
             return metadata
         except struct.error as exc:
             raise GGUFError(f"{path}: truncated GGUF metadata ({exc})") from exc

@@ -1,21 +1,22 @@
-"""A model's own tokenizer files -> ``Vocabulary``: GGUF metadata or a Hugging Face tokenizer.json."""
+"""A model's tokenizer files -> ``Vocabulary``: Llama 3 ``tokenizer.model`` (tiktoken ranks), GGUF
+metadata, or a Hugging Face tokenizer.json. BOS, EOS and stop tokens come from ``model_files``, the
+rules the model service reads the same files by."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Any
 
-from .byte_level import (
-    GGUF_PRE_TOKENIZERS,
-    GPT2_PATTERN,
-    SMOLLM_PATTERN,
-    UnsupportedTokenizer,
-    Vocabulary,
-    check_rank_order,
-    split_vocab,
-)
-from .gguf_metadata import read_gguf_metadata
+from model_files.gguf_metadata import read_gguf_metadata
+from model_files.llama3 import BEGIN_OF_TEXT, END_OF_TEXT, llama3_token_facts, special_token_ids
+from model_files.token_facts import gguf_token_facts, hf_token_facts, token_text
+
+from .byte_level import check_rank_order, split_vocab
+from .patterns import GGUF_PRE_TOKENIZERS, GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN
+from .vocabulary import UnsupportedTokenizer, Vocabulary
 
 # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _ORDINARY_TOKEN_TYPES = {1, 6}
@@ -34,10 +35,10 @@ def vocab_from_gguf(path: Path) -> Vocabulary:
     special_ids = {i for i, kind in enumerate(types) if kind not in _ORDINARY_TOKEN_TYPES}
     check_rank_order(meta.get("tokenizer.ggml.merges", []), {t: i for i, t in enumerate(tokens)}, str(path))
     ranks, specials = split_vocab(tokens, special_ids)
-    eos = int(meta["tokenizer.ggml.eos_token_id"])
-    bos = int(meta.get("tokenizer.ggml.bos_token_id", -1))
-    stops = [eos] + [int(meta[key]) for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-                     if key in meta and int(meta[key]) != eos]
+    facts = gguf_token_facts(meta)
+    if facts.eos_token_id is None:
+        raise UnsupportedTokenizer(f"{path}: no tokenizer.ggml.eos_token_id")
+    eos, bos = facts.eos_token_id, -1 if facts.bos_token_id is None else facts.bos_token_id
     return Vocabulary(
         name=path.name,
         pattern=GGUF_PRE_TOKENIZERS[pre],
@@ -45,7 +46,8 @@ def vocab_from_gguf(path: Path) -> Vocabulary:
         special_tokens=specials,
         bos_token_id=bos,
         eos_token_id=eos,
-        stop_token_ids=sorted(set(stops)),
+        stop_token_ids=list(facts.stop_token_ids),
+        chat_format=facts.chat_format,
         chat_template=meta.get("tokenizer.chat_template"),
         bos_token=tokens[bos] if 0 <= bos < len(tokens) else "",
         eos_token=tokens[eos],
@@ -71,13 +73,6 @@ def _hf_pattern(pre_tokenizer: dict[str, Any] | None, source: str) -> str:
         if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
             return split["pattern"]["Regex"]
     raise UnsupportedTokenizer(f"{source}: pre-tokenizer {kinds} is not supported")
-
-
-def _token_text(value: Any) -> str:
-    """tokenizer_config.json writes special tokens as strings or as {"content": ...} objects."""
-    if isinstance(value, dict):
-        return value.get("content", "")
-    return value or ""
 
 
 def vocab_from_hf_dir(directory: Path) -> Vocabulary:
@@ -107,17 +102,12 @@ def vocab_from_hf_dir(directory: Path) -> Vocabulary:
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {entry["name"]: entry["template"] for entry in template}
         template = named.get("default", next(iter(named.values()), None))
-    bos_token, eos_token = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    bos_token, eos_token = token_text(config.get("bos_token")), token_text(config.get("eos_token"))
     if eos_token not in vocab:
         raise UnsupportedTokenizer(f"{config_path}: eos_token {eos_token!r} is not in the vocab")
-    eos = vocab[eos_token]
-    stops = {eos}
-    generation_config = directory / "generation_config.json"
-    if generation_config.exists():
-        configured = json.loads(generation_config.read_text()).get("eos_token_id")
-        stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    extra = {key: _token_text(config.get(key)) for key in ("unk_token", "pad_token") if config.get(key)}
-    bos_id = vocab.get(bos_token, -1)
+    facts = hf_token_facts(directory, vocab)
+    extra = {key: token_text(config.get(key)) for key in ("unk_token", "pad_token") if config.get(key)}
+    eos, bos_id = vocab[eos_token], -1 if facts.bos_token_id is None else facts.bos_token_id
     return Vocabulary(
         name=directory.name,
         pattern=pattern,
@@ -125,7 +115,8 @@ def vocab_from_hf_dir(directory: Path) -> Vocabulary:
         special_tokens=specials,
         bos_token_id=bos_id,
         eos_token_id=eos,
-        stop_token_ids=sorted(stops),
+        stop_token_ids=list(facts.stop_token_ids),
+        chat_format=facts.chat_format,
         chat_template=template,
         bos_token=bos_token,
         eos_token=eos_token,
@@ -146,3 +137,39 @@ def _post_processor_adds(spec: dict[str, Any], token_id: int) -> bool:
             ids = processor.get("special_tokens", {}).get(first, {}).get("ids", [])
             return ids == [token_id]
     return False
+
+
+def parse_tiktoken_bpe(contents: bytes) -> dict[bytes, int]:
+    """tiktoken's ``load_tiktoken_bpe`` format (a base64 token and its rank per line), from bytes
+    already read: the file is opened once, so it may be a pipe."""
+    ranks = {}
+    for line in contents.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    return ranks
+
+
+def vocab_from_tiktoken_model(path: Path, contents: bytes | None = None) -> Vocabulary:
+    """A Llama 3 ``tokenizer.model`` -> the reference's vocabulary (Meta's ``llama/tokenizer.py``)."""
+    try:
+        ranks = parse_tiktoken_bpe(path.read_bytes() if contents is None else contents)
+    except (ValueError, binascii.Error) as exc:  # a SentencePiece (Llama 2) model, or anything else
+        raise UnsupportedTokenizer(f"{path} is not a tiktoken BPE file (Llama 3 tokenizer.model): {exc}") from exc
+    if not ranks:
+        raise UnsupportedTokenizer(f"{path} is empty")
+    facts = llama3_token_facts(len(ranks))
+    assert facts.bos_token_id is not None and facts.eos_token_id is not None
+    return Vocabulary(
+        name=path.name,
+        pattern=LLAMA3_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=special_token_ids(len(ranks)),
+        bos_token_id=facts.bos_token_id,
+        eos_token_id=facts.eos_token_id,
+        stop_token_ids=list(facts.stop_token_ids),
+        chat_format=facts.chat_format,
+        meta_chunking=True,
+        bos_token=BEGIN_OF_TEXT,
+        eos_token=END_OF_TEXT,
+    )
