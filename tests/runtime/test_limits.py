@@ -128,3 +128,10 @@ def test_a_port_in_use_stops_the_second_server(server: ServiceProcess) -> None:
         assert second.process.wait(60) != 0
         assert f"cannot listen on 127.0.0.1:{server.port}" in second.log_text()
         assert "another server" in second.log_text()
+
+
+def test_a_metrics_port_in_use_stops_the_second_server(server: ServiceProcess) -> None:
+    with ServiceProcess("tokenizer_service", "--tokenizer", str(llama3_tokenizer_path()),
+                        metrics_port=server.metrics_port) as second:
+        assert second.process.wait(60) != 0
+        assert f"cannot serve metrics on 127.0.0.1:{server.metrics_port}" in second.log_text()
