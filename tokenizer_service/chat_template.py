@@ -10,8 +10,8 @@ ordinary text. A user who types ``<|im_end|>`` gets the tokens of those characte
 A template comes from a model file, which may be hostile: besides the sandbox, a render has a budget
 (``RENDER_SECONDS`` of Python time; no string, list or output longer than ``RENDER_CHARS`` plus four
 characters per character of input; no number argument above ``MAX_TEMPLATE_INT``), checked before
-an operation allocates where it can be (``*``, ``**``, ``+``, ``~``, ``replace``, widths) and on
-every template line and Python call otherwise. Over budget is an ``InvalidArgument`` naming it.
+an operation allocates where it can be (``*``, ``**``, ``+``, ``~``, ``%``, ``replace``, widths,
+indents, format strings) and on every template line and Python call otherwise. Over budget is an ``InvalidArgument`` naming it.
 """
 
 from __future__ import annotations
@@ -113,6 +113,11 @@ def _check_result(value: Any, what: str) -> Any:
     return value
 
 
+def _format_growth(fmt: str) -> int:
+    """At most what the numbers in a format string (``%99999s``, ``{:>99999}``) can add to it."""
+    return sum(int(digits) for digits in re.findall(r"\d+", fmt))
+
+
 def _predicted_size(op: str, left: Any, right: Any) -> int:
     """The length ``left op right`` would have, computed without building it."""
     if op == "*":
@@ -121,20 +126,42 @@ def _predicted_size(op: str, left: Any, right: Any) -> int:
                 return _size(sequence) * max(times, 0)
     if op == "+":
         return _size(left) + _size(right)
+    if op == "%" and isinstance(left, str):
+        return len(left) + _format_growth(left) + len(str(right))
     if op == "**" and isinstance(left, int | float) and isinstance(right, int | float):
         digits = abs(right) * max(abs(left), 2).bit_length() / 3.3 if abs(left) > 1 else 0
         return int(digits)  # a huge power is a huge number: as costly as a huge string
     return 0
 
 
+def _predicted_call_size(name: str, text: str, args: list, kwargs: dict) -> int:
+    """An upper bound on the length of ``text.name(*args)`` / ``text | name(*args)`` before it runs."""
+    values = [*args, *kwargs.values()]
+    if name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        return len(text) + (len(text) + 1) * max(len(new) - len(old), 0)
+    if name in ("format", "format_map"):
+        return len(text) + _format_growth(text) + sum(len(str(value)) for value in values)
+    numbers = [abs(value) for value in values if isinstance(value, int) and not isinstance(value, bool)]
+    # center/ljust/rjust/zfill add at most the width; indent a width per line; expandtabs one per tab.
+    widths = [len(value) for value in values if isinstance(value, str)] + numbers  # indent(width="    ")
+    return len(text) + max(widths, default=0) * (text.count("\n") + text.count("\t") + 1)
+
+
+def _check_call(name: str, text: Any, args: list, kwargs: dict) -> None:
+    _check_ints(tuple(args), kwargs)
+    if isinstance(text, str) and (budget := _Budget.current()) is not None:
+        budget.check_size(_predicted_call_size(name, text, args, kwargs), f"{name} result")
+
+
 def _checked_filter(name: str, function: Callable) -> Callable:
     @functools.wraps(function)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        _check_ints(args, kwargs)
         values = [arg for arg in args if not isinstance(arg, EvalContext | Context)]
-        if name == "replace" and len(values) >= 3 and (budget := _Budget.current()) is not None:
-            text, old, new = (str(value) for value in values[:3])
-            budget.check_size(len(text) + (len(text) + 1) * max(len(new) - len(old), 0), "replace result")
+        if values:
+            _check_call(name, values[0], values[1:], kwargs)
+        else:
+            _check_ints((), kwargs)
         return _check_result(function(*args, **kwargs), f"{name} result")
 
     return checked
@@ -157,21 +184,30 @@ class _BudgetedCodeGenerator(CodeGenerator):
 
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
     code_generator_class = _BudgetedCodeGenerator
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
     checked_concat = staticmethod(_checked_concat)
-    _binops = {"*": operator.mul, "**": operator.pow, "+": operator.add}
+    _binops = {"*": operator.mul, "**": operator.pow, "+": operator.add, "%": operator.mod}
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         if (budget := _Budget.current()) is not None:
             budget.check_size(_predicted_size(op, left, right), f"{op} result")
         return self._binops[op](left, right)
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """``"...".format`` / ``format_map``: Jinja's sandboxed wrapper, with the size checked first."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text, name = value.__self__, value.__name__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _check_call(name, text, list(args), kwargs)
+            return wrapped(*args, **kwargs)
+
+        return checked
+
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        _check_ints(args, kwargs)
-        if getattr(__obj, "__name__", "") == "replace" and isinstance(getattr(__obj, "__self__", None), str) \
-                and len(args) >= 2 and (budget := _Budget.current()) is not None:
-            text, old, new = __obj.__self__, str(args[0]), str(args[1])
-            budget.check_size(len(text) + (len(text) + 1) * max(len(new) - len(old), 0), "replace result")
+        _check_call(getattr(__obj, "__name__", ""), getattr(__obj, "__self__", None), list(args), kwargs)
         return _check_result(super().call(__context, __obj, *args, **kwargs), "call result")
 
 
