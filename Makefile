@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar clean
+.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -93,7 +93,7 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-engine bench-gateway
+bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
@@ -102,6 +102,8 @@ bench-engine: install assets
 	$(PY) bench/engine_bench.py
 bench-gateway: install assets
 	$(PY) bench/gateway_bench.py
+bench-abuse: install assets
+	$(PY) bench/abuse_bench.py
 # xgrammar is the contender the grammar bench measures llguidance against (not a dependency).
 bench-grammar: install assets
 	$(PY) -m pip install --quiet xgrammar "$(TORCH_SPEC)"
