@@ -21,7 +21,6 @@ from llama_grpc_runtime.context import current_request_id
 from llama_grpc_runtime.errors import Unavailable
 
 from .interfaces import (
-    FINISH_STOP_SEQUENCE,
     Candidate,
     Deadline,
     GenerationStream,
@@ -32,7 +31,7 @@ from .interfaces import (
 )
 from .metrics import gateway_metrics
 from .request import CompletionRequest, validate, validate_prompt_length
-from .shaping import Chunk, Echo, ResponseShaper
+from .shaping import Chunk, Echo, ResponseShaper, Usage
 from .state import UpstreamState
 
 log = structlog.get_logger()
@@ -67,54 +66,80 @@ class CompletionPipeline:
     async def prepare(self, request: CompletionRequest, state: UpstreamState, deadline: Deadline) -> Prepared:
         validate(request, state.limits)
         prompt_ids = await self.prompt_token_ids(request, state, deadline)
+        keep = request.stopping.truncate_prompt_tokens
+        if keep and len(prompt_ids) > keep:  # the last N tokens: the end of the prompt matters most
+            prompt_ids = prompt_ids[-keep:]
         validate_prompt_length(len(prompt_ids), request, state.limits)
         echo_text = await self.tokenizer.decode(prompt_ids, deadline) if request.output.echo else ""
         return Prepared(request, prompt_ids, echo_text, state.extra_stop_token_ids)
 
-    def call(self, prepared: Prepared, deadline: Deadline) -> tuple[GenerationStream, TextDecoder]:
-        model_stream = self.model.generate(current_request_id(), prepared.prompt_token_ids, prepared.request,
-                                           prepared.extra_stop_token_ids, deadline)
-        return model_stream, self.tokenizer.decode_stream(deadline)
+    def call(self, prepared: Prepared, deadline: Deadline) -> GenerationStream:
+        return self.model.generate(current_request_id(), prepared.prompt_token_ids, prepared.request,
+                                   prepared.extra_stop_token_ids, deadline)
 
     async def stream(self, request: CompletionRequest, timeout: float | None) -> AsyncIterator[Chunk]:
         deadline = Deadline(timeout)
         started = time.perf_counter()
         prepared = await self.prepare(request, self.state(), deadline)
-        model_stream, decoder = self.call(prepared, deadline)
+        model_stream = self.call(prepared, deadline)
+        decoders: dict[int, TextDecoder] = {}  # one incremental decode per completion
         try:
-            async for chunk in self.respond(prepared, model_stream, decoder, deadline, started):
+            async for chunk in self.respond(prepared, model_stream, decoders, deadline, started):
                 yield chunk
         finally:  # stop sequence, error, or the caller went away: the model's slot is freed now
             model_stream.cancel()
-            decoder.cancel()
+            for decoder in decoders.values():
+                decoder.cancel()
 
-    async def respond(self, prepared: Prepared, model_stream: GenerationStream, decoder: TextDecoder,
+    async def respond(self, prepared: Prepared, model_stream: GenerationStream, decoders: dict[int, TextDecoder],
                       deadline: Deadline, started: float) -> AsyncIterator[Chunk]:
+        """The model's chunks (the n completions interleaved, by index) -> the caller's chunks. Each
+        completion has its own decoder and shaper; usage rides on the last chunk, once all have ended.
+
+        With n > 1 the completions share one model call, so a completion ended by a stop sequence
+        cannot be cancelled alone: the gateway drops what the model still sends for it."""
         metrics = gateway_metrics()
-        shaper = ResponseShaper(prepared.request.stopping.stop_sequences, len(prepared.prompt_token_ids))
+        request = prepared.request
+        shapers: dict[int, ResponseShaper] = {}
+        generated: dict[int, int] = {}  # completion -> its generated tokens, once it has finished
+        stopped_early = False
         first = True
         async for model_chunk in model_stream:
-            chunk = Chunk()
+            index = model_chunk.index
+            if index in generated or not 0 <= index < request.n:
+                continue
+            if index not in shapers:
+                shapers[index] = ResponseShaper(request.stopping.stop_sequences, len(prepared.prompt_token_ids),
+                                                request.stopping.min_new_tokens)
+                decoders[index] = self.tokenizer.decode_stream(deadline)
+            shaper, decoder = shapers[index], decoders[index]
+            chunk = Chunk(index=index)
             if first:
                 metrics.time_to_first_chunk.observe(time.perf_counter() - started)
-                if prepared.request.output.echo:
+                if request.output.echo:
                     chunk.echo = await self._echo(prepared, model_chunk, deadline)
                 first = False
             texts = await decoder.texts(model_chunk.token_ids)
             shaper.add(model_chunk, texts, await self._top_logprobs(model_chunk.top_logprobs, deadline), chunk)
             if shaper.stopped:
-                model_stream.cancel()  # at once: the model's slot is free for others
+                stopped_early = True
+                if request.n == 1:
+                    model_stream.cancel()  # at once: the model's slot is free for others
             elif model_chunk.finish_reason:
                 shaper.end(await decoder.finish(), model_chunk.finish_reason, model_chunk.generated_tokens, chunk)
             metrics.generated_tokens.inc(len(model_chunk.token_ids))
-            if not chunk.is_empty():
-                yield chunk
             if chunk.finish is not None:
+                generated[index] = chunk.finish.generated_tokens
                 metrics.finished.labels(chunk.finish.reason).inc()
-                log.info("completion finished", finish_reason=chunk.finish.reason,
+                log.info("completion finished", finish_reason=chunk.finish.reason, index=index,
                          prompt_tokens=chunk.finish.prompt_tokens, generated_tokens=chunk.finish.generated_tokens,
                          seconds=round(time.perf_counter() - started, 4))
-                if chunk.finish.reason != FINISH_STOP_SEQUENCE:
+                if len(generated) == request.n:
+                    chunk.usage = Usage(len(prepared.prompt_token_ids), sum(generated.values()))
+            if not chunk.is_empty():
+                yield chunk
+            if len(generated) == request.n:
+                if not stopped_early:
                     await model_stream.wait_closed()
                 return
         raise Unavailable(f"{self.model.name} at {self.model.address} ended the stream without a finish reason")

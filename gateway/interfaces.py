@@ -47,6 +47,7 @@ class ModelChunk:
     generated_tokens: int = 0  # usage, last message only
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[Candidate]] = field(default_factory=list)
+    index: int = 0  # which of the request's n completions
 
 
 @dataclass(frozen=True)

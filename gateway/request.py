@@ -6,13 +6,11 @@ Error messages start with the field as a grpcurl user writes it (``sampling.top_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from llama_grpc_runtime.errors import InvalidArgument
 from model_files.chat import ROLES
-
-MAX_TOP_LOGPROBS = 20
+from model_service.options import Constraint, check_n, check_output, check_sampling, check_stopping
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,10 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float | None = None
     seed: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class Stopping:
     stop_sequences: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     strict_context_limit: bool = False
+    min_new_tokens: int = 0  # stop tokens and stop sequences are ignored until this many were generated
+    time_limit_ms: int = 0
+    truncate_prompt_tokens: int = 0  # the gateway keeps the last N prompt tokens
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class CompletionRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stopping: Stopping = field(default_factory=Stopping)
     output: Output = field(default_factory=Output)
+    n: int = 1  # completions of the prompt
+    constraint: Constraint | None = None  # structured output (compiled and enforced by the model service)
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,17 @@ def validate(request: CompletionRequest, limits: Limits) -> None:
     """Raise ``InvalidArgument`` naming the first field that is wrong."""
     _validate_size(request, limits)
     validate_input(request.prompt, request.messages)
-    _validate_sampling(request.sampling)
+    sampling = request.sampling
+    # The ranges are model_service.options', which the model service checks too.
+    check_sampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                   repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, min_p=sampling.min_p,
+                   presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                   logit_bias=sampling.logit_bias, vocab_size=limits.vocab_size)
     _validate_stopping(request.stopping, limits)
-    output = request.output
-    if not 0 <= output.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidArgument("output.top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {output.top_logprobs}")
+    check_output(top_logprobs=request.output.top_logprobs)
+    check_n(request.n)
+    if request.constraint is not None:
+        request.constraint.check()
 
 
 def _validate_size(request: CompletionRequest, limits: Limits) -> None:
@@ -105,21 +118,9 @@ def _validate_size(request: CompletionRequest, limits: Limits) -> None:
                               f"{limits.max_stop_token_ids} allowed (--max-stop-token-ids)")
 
 
-def _validate_sampling(sampling: Sampling) -> None:
-    if sampling.temperature is not None and not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
-        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {sampling.temperature}")
-    if sampling.top_p is not None and not (0 < sampling.top_p <= 1):  # NaN fails both comparisons
-        raise InvalidArgument("sampling.top_p", f"must lie in (0, 1], got {sampling.top_p}")
-    if sampling.top_k < 0:
-        raise InvalidArgument("sampling.top_k", f"must be >= 0 (0: off), got {sampling.top_k}")
-    penalty = sampling.repetition_penalty
-    if penalty is not None and not (math.isfinite(penalty) and penalty > 0):
-        raise InvalidArgument("sampling.repetition_penalty", f"must be a finite number > 0, got {penalty}")
-
-
 def _validate_stopping(stopping: Stopping, limits: Limits) -> None:
-    if stopping.max_new_tokens < 0:
-        raise InvalidArgument("stopping.max_new_tokens", f"must be >= 0 (0: the default), got {stopping.max_new_tokens}")
+    check_stopping(max_new_tokens=stopping.max_new_tokens, min_new_tokens=stopping.min_new_tokens,
+                   time_limit_ms=stopping.time_limit_ms, truncate_prompt_tokens=stopping.truncate_prompt_tokens)
     stops = stopping.stop_sequences
     if len(stops) > limits.max_stop_sequences:
         raise InvalidArgument("stopping.stop_sequences",

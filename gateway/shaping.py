@@ -34,10 +34,20 @@ class Echo:
 
 @dataclass
 class Finish:
+    """The end of one completion."""
+
     reason: str  # a llama.common.v1.FinishReason value name
     prompt_tokens: int
-    generated_tokens: int
+    generated_tokens: int  # this completion's
     stop_sequence: str = ""
+
+
+@dataclass
+class Usage:
+    """On the last chunk of a request: the prompt once, and every completion's generated tokens."""
+
+    prompt_tokens: int
+    generated_tokens: int
 
 
 @dataclass
@@ -50,9 +60,11 @@ class Chunk:
     top_logprobs: list[list[Candidate]] = field(default_factory=list)
     echo: Echo | None = None
     finish: Finish | None = None
+    index: int = 0  # which of the request's n completions
+    usage: Usage | None = None
 
     def is_empty(self) -> bool:
-        return not (self.text or self.token_ids or self.echo or self.finish)
+        return not (self.text or self.token_ids or self.echo or self.finish or self.usage)
 
 
 @dataclass
@@ -97,10 +109,11 @@ class _HeldTokens:
 class ResponseShaper:
     """One completion's text, tokens and finish, built chunk by chunk."""
 
-    def __init__(self, stop_sequences: Sequence[str], prompt_tokens: int) -> None:
+    def __init__(self, stop_sequences: Sequence[str], prompt_tokens: int, min_new_tokens: int = 0) -> None:
         self.matcher = StopSequenceMatcher(stop_sequences)
         self.held = _HeldTokens()
         self.prompt_tokens = prompt_tokens
+        self.min_new_tokens = min_new_tokens  # stop sequences are looked for only in text after these tokens
         self.generated = 0
 
     @property
@@ -113,7 +126,10 @@ class ResponseShaper:
         """Feed one model chunk (each token's text, its top candidates with text) into ``chunk``."""
         for index, (token_id, text) in enumerate(zip(model_chunk.token_ids, texts, strict=True)):
             self.generated += 1
-            chunk.text += self.matcher.feed(text)
+            if self.generated <= self.min_new_tokens:
+                chunk.text += self.matcher.pass_through(text)
+            else:
+                chunk.text += self.matcher.feed(text)
             self.held.add(token_id, text,
                           model_chunk.logprobs[index] if index < len(model_chunk.logprobs) else None,
                           tops[index] if index < len(tops) else None)

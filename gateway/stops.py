@@ -59,6 +59,13 @@ class StopSequenceMatcher:
         self._released += len(out)
         return out
 
+    def pass_through(self, text: str) -> str:
+        """Release ``text`` unmatched: it can never be part of a stop sequence (it was generated before
+        stopping.min_new_tokens). Only before the first ``feed``."""
+        assert not self._pending and self.match is None
+        self._released += len(text)
+        return text
+
     def flush(self) -> str:
         """Generation ended without a match: release what was held."""
         if self.match is not None:

@@ -36,6 +36,7 @@ from llama_grpc_runtime.server import MAX_MESSAGE_BYTES
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from model_service.options import Constraint
 
 from .interfaces import Candidate, Deadline, ModelChunk, ModelInfo, TokenizerInfo
 from .request import ChatMessage, CompletionRequest
@@ -281,16 +282,31 @@ class ModelClient(Upstream):
             prompt_token_ids=prompt_token_ids,
             sampling=common_pb2.SamplingParams(
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed),
+                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed, min_p=sampling.min_p,
+                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                logit_bias=sampling.logit_bias),
+            # truncate_prompt_tokens is not sent: prompt_token_ids are already the kept tail.
             stopping=common_pb2.StoppingCriteria(
                 max_new_tokens=stopping.max_new_tokens,
                 stop_token_ids=list(dict.fromkeys([*stopping.stop_token_ids, *extra_stop_token_ids])),
-                strict_context_limit=stopping.strict_context_limit),
+                strict_context_limit=stopping.strict_context_limit,
+                min_new_tokens=stopping.min_new_tokens,
+                time_limit_ms=stopping.time_limit_ms),
             output=common_pb2.OutputOptions(logprobs=output.logprobs, top_logprobs=output.top_logprobs,
                                             echo=output.echo),
+            n=request.n,
+            constraint=_constraint(request.constraint),
         )
         call = self.stub.Generate(message, timeout=deadline.remaining(), metadata=self.metadata())
         return ModelStream(self, call)
+
+
+def _constraint(constraint: Constraint | None) -> common_pb2.Constraint | None:
+    if constraint is None:
+        return None
+    if constraint.kind == "choice":
+        return common_pb2.Constraint(choice=common_pb2.Constraint.Choice(choices=constraint.value))
+    return common_pb2.Constraint(**{constraint.kind: constraint.value})
 
 
 class ModelStream:
@@ -311,6 +327,7 @@ class ModelStream:
                     generated_tokens=reply.usage.generated_tokens,
                     prompt_logprobs=list(reply.prompt_logprobs),
                     prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),
+                    index=reply.index,
                 )
         except grpc.aio.AioRpcError as error:
             raise self.client.unavailable(error) from None

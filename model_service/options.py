@@ -11,8 +11,9 @@ Every error is ``InvalidArgument`` whose message starts with the field as a grpc
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from llama_grpc_runtime.errors import InvalidArgument
 
@@ -147,8 +148,10 @@ def completion_seed(seed: int | None, index: int) -> int | None:
     return z ^ (z >> 31)
 
 
-def constraint_from_fields(kind: str, value: str | Sequence[str]) -> Constraint | None:
-    """From a protobuf oneof's case name and value (kind "" -> None)."""
+def constraint_from_message(message: Any) -> Constraint | None:
+    """From a ``llama.common.v1.Constraint`` message (its oneof unset -> None)."""
+    kind = message.WhichOneof("kind")
     if not kind:
         return None
+    value = message.choice.choices if kind == "choice" else getattr(message, kind)
     return Constraint(kind, value if isinstance(value, str) else tuple(value))

@@ -51,7 +51,7 @@ from .options import (
     STOPPING_OPTIONS,
     check_n,
     completion_seed,
-    constraint_from_fields,
+    constraint_from_message,
 )
 from .quant import QUANTIZE_MODES
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
@@ -113,12 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def constraint_from_proto(constraint: common_pb2.Constraint):  # -> options.Constraint | None
-    kind = constraint.WhichOneof("kind") or ""
-    value = constraint.choice.choices if kind == "choice" else getattr(constraint, kind, "")
-    return constraint_from_fields(kind, value)
-
-
 def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None) -> GenerationRequest:
     sampling, stopping, output = request.sampling, request.stopping, request.output
     return GenerationRequest(
@@ -138,7 +132,7 @@ def request_from_proto(request: model_pb2.GenerateRequest, timeout: float | None
         min_new_tokens=stopping.min_new_tokens,
         time_limit_ms=stopping.time_limit_ms,
         truncate_prompt_tokens=stopping.truncate_prompt_tokens,
-        constraint=constraint_from_proto(request.constraint),
+        constraint=constraint_from_message(request.constraint),
         stop_token_ids=tuple(stopping.stop_token_ids),
         strict_context_limit=stopping.strict_context_limit,
         logprobs=output.logprobs,
