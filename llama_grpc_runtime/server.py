@@ -33,12 +33,12 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .auth import TokenFile, check_bearer
 from .context import REQUEST_ID_HEADER, new_request_id, reset_request_id, set_request_id
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, short, status_of
 from .metrics import request_metrics, serve_metrics
+from .reflection import enable_server_reflection
 
 log = structlog.get_logger()
 
@@ -336,11 +336,9 @@ class GrpcServer:
         ``startup`` runs after the port is open (health says NOT_SERVING meanwhile); ``drain`` runs
         when shutdown begins, before in-flight calls get their grace period.
         """
-        reflection.enable_server_reflection(
-            (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            self.server,
-        )
+        # grpc.reflection.v1 and v1alpha (reflection.py): newer clients ask v1 first.
+        enable_server_reflection(
+            (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
         await self.set_serving(False)
         self.port = self._bind()
         loop = asyncio.get_running_loop()

@@ -67,7 +67,8 @@ def _grpcurl() -> str:
 def test_reflection_lists_and_describes_services(server: ServiceProcess) -> None:
     listed = subprocess.run([_grpcurl(), "-plaintext", server.address, "list"], capture_output=True, text=True,
                             timeout=60, check=True)
-    assert set(listed.stdout.split()) == {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert set(listed.stdout.split()) == {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                          "grpc.reflection.v1.ServerReflection"}
     described = subprocess.run([_grpcurl(), "-plaintext", server.address, "describe", SERVICE],
                                capture_output=True, text=True, timeout=60, check=True)
     assert "rpc Encode ( .llama.tokenizer.v1.EncodeRequest ) returns ( .llama.tokenizer.v1.EncodeResponse )" \
@@ -76,6 +77,31 @@ def test_reflection_lists_and_describes_services(server: ServiceProcess) -> None
                               server.address, f"{SERVICE}/Encode"], capture_output=True, text=True, timeout=60,
                              check=True)
     assert re.findall(r"\d+", encoded.stdout) == ["128000", "2028", "374", "264", "1296", "11914", "13"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_v1_and_v1alpha(server: ServiceProcess, version: str) -> None:
+    """Both packages answer over the wire (their messages are the same, field for field)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as messages
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=messages.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=messages.ServerReflectionResponse.FromString)
+        replies = list(call(iter([messages.ServerReflectionRequest(list_services=""),
+                                  messages.ServerReflectionRequest(file_containing_symbol=SERVICE),
+                                  messages.ServerReflectionRequest(
+                                      file_containing_symbol="grpc.reflection.v1.ServerReflection")]), timeout=30))
+    services = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in replies[1].file_descriptor_response.file_descriptor_proto]
+    assert any(f.package == "llama.tokenizer.v1" and f.service[0].name == "TokenizerService" for f in files)
+    [v1] = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in replies[2].file_descriptor_response.file_descriptor_proto]
+    assert v1.package == "grpc.reflection.v1"
+    assert v1.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 def _log_lines_with(server: ServiceProcess, request_id: str) -> list[dict]:
