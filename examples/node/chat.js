@@ -7,6 +7,11 @@
 //   node examples/node/chat.js "What is the capital of France?"
 //   node examples/node/chat.js --address localhost:50050 --temperature 0 --max-new-tokens 64 \
 //       --system "Always answer with Haiku" "I am going to Paris, what should I see?"
+//   node examples/node/chat.js --temperature 0 --json-schema \
+//       '{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}' "Where is the Louvre?"
+//
+// --json-schema asks for structured output: the answer is JSON that validates against the schema
+// (constraint.jsonSchema; --regex and --choice work the same way).
 //
 // The answer streams to stdout; finish reason, token counts and the request id go to stderr.
 'use strict';
@@ -41,6 +46,9 @@ function main() {
       'max-new-tokens': { type: 'string', default: '0' },
       stop: { type: 'string', multiple: true, default: [] },
       timeout: { type: 'string' },
+      'json-schema': { type: 'string' },
+      regex: { type: 'string' },
+      choice: { type: 'string', multiple: true },
     },
   });
   const question = positionals.join(' ') || 'What is the capital of France?';
@@ -57,6 +65,9 @@ function main() {
     sampling,
     stopping: { maxNewTokens: Number(values['max-new-tokens']), stopSequences: values.stop },
   };
+  if (values['json-schema'] !== undefined) request.constraint = { jsonSchema: values['json-schema'] };
+  else if (values.regex !== undefined) request.constraint = { regex: values.regex };
+  else if (values.choice !== undefined) request.constraint = { choice: { choices: values.choice } };
 
   const gateway = loadGateway();
   const client = new gateway.GatewayService(values.address, grpc.credentials.createInsecure());

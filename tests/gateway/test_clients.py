@@ -20,6 +20,10 @@ from tests.service_process import REPO
 from .conftest import Stack
 
 PARIS_ANSWER = "The capital of France is Paris."
+# The structured-output call the Node and Go examples make (tests/gateway/test_go_client.py too).
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                "country": {"enum": ["France", "Italy", "Spain"]}},
+               "required": ["city", "country"], "additionalProperties": False}
 
 
 def run(*command: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -78,6 +82,18 @@ def test_node_client_streams_an_answer(stack: Stack):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == PARIS_ANSWER
     assert "FINISH_REASON_STOP_TOKEN: 37 prompt + 7 generated tokens" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("node") is None or not (REPO / "node_modules" / "@grpc" / "grpc-js").exists(),
+                    reason="needs node and `make node`")
+def test_node_client_structured_output(stack: Stack):
+    import jsonschema
+
+    result = run("node", "examples/node/chat.js", "--address", stack.gateway.address, "--temperature", "0",
+                 "--max-new-tokens", "60", "--json-schema", json.dumps(CITY_SCHEMA), "Where is the Louvre?")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), CITY_SCHEMA)
+    assert "FINISH_REASON_STOP_TOKEN" in result.stderr
 
 
 def _three_free_ports() -> int:

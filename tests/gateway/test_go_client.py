@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.service_process import REPO
 
 from .conftest import Stack
+from .test_clients import CITY_SCHEMA
 
 GOCODE = Path("/usr/share/gocode/src")
 NEEDED = ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc")
@@ -43,3 +46,9 @@ def test_go_client_streams_an_answer(stack: Stack, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "The capital of France is Paris."
     assert "FINISH_REASON_STOP_TOKEN: 37 prompt + 7 generated tokens" in result.stderr
+    structured = subprocess.run([str(source / "chat"), "-address", stack.gateway.address, "-temperature", "0",
+                                 "-max-new-tokens", "60", "-json-schema", json.dumps(CITY_SCHEMA),
+                                 "Where is the Louvre?"], capture_output=True, text=True, timeout=120)
+    assert structured.returncode == 0, structured.stderr
+    jsonschema.validate(json.loads(structured.stdout), CITY_SCHEMA)
+    assert "FINISH_REASON_STOP_TOKEN" in structured.stderr

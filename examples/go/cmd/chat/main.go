@@ -2,6 +2,10 @@
 //
 //	./generate.sh && go mod tidy        # once: stubs from ../../protos, then the grpc/protobuf modules
 //	go run ./cmd/chat -address localhost:50050 -temperature 0 "What is the capital of France?"
+//	go run ./cmd/chat -temperature 0 -json-schema '{"type":"object","properties":{"city":{"type":"string"}}}' \
+//	    "Where is the Louvre?"
+//
+// -json-schema asks for structured output: the answer is JSON that validates against the schema.
 //
 // The answer streams to stdout; finish reason, token counts and the request id go to stderr.
 package main
@@ -28,6 +32,7 @@ func main() {
 	temperature := flag.Float64("temperature", -1, "sampling temperature (0: greedy; unset: the server's 0.6)")
 	maxNewTokens := flag.Int("max-new-tokens", 0, "most tokens to generate (0: the server's default)")
 	timeout := flag.Duration("timeout", 2*time.Minute, "deadline for the whole answer")
+	jsonSchema := flag.String("json-schema", "", "a JSON Schema the answer must validate against (structured output)")
 	flag.Parse()
 	question := strings.Join(flag.Args(), " ")
 	if question == "" {
@@ -54,6 +59,9 @@ func main() {
 	}
 	if *temperature >= 0 {
 		request.Sampling.Temperature = proto.Float32(float32(*temperature))
+	}
+	if *jsonSchema != "" {
+		request.Constraint = &commonv1.Constraint{Kind: &commonv1.Constraint_JsonSchema{JsonSchema: *jsonSchema}}
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
