@@ -91,19 +91,23 @@ def flood(address: str, stop: threading.Event, codes: Counter) -> None:
 
 
 def stalled_readers(address: str, stop: threading.Event, codes: Counter) -> None:
-    """DecodeStreams whose clients never read the (large) replies."""
+    """4 DecodeStreams at a time whose clients never read the (large) replies; each is ended by the
+    server's --stall-timeout, and a new one takes its place."""
     with grpc.insecure_channel(address) as channel:
         stub = TokenizerServiceStub(channel)
 
         def requests() -> Iterator[pb.DecodeStreamRequest]:
             while not stop.is_set():
-                yield pb.DecodeStreamRequest(token_ids=[3492] * 20_000)
+                yield pb.DecodeStreamRequest(token_ids=[3492] * 10_000)  # 50 KB replies, under the limit
 
-        calls = [stub.DecodeStream(requests(), timeout=600) for _ in range(4)]
-        stop.wait()
-        for call in calls:
-            call.cancel()
-            codes["started"] += 1
+        while not stop.is_set():
+            calls = [stub.DecodeStream(requests(), timeout=600) for _ in range(4)]
+            while not stop.is_set() and not all(call.done() for call in calls):
+                time.sleep(0.05)
+            for call in calls:
+                if call.done():
+                    codes[call.code().name] += 1
+                call.cancel()
 
 
 def hostile_template(address: str, stop: threading.Event, codes: Counter) -> None:
@@ -149,7 +153,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="health checks per abuse")
     args = parser.parse_args()
     flags = ["--tokenizer", str(llama3_tokenizer_path()), "--max-concurrent-rpcs", str(MAX_CALLS),
-             "--max-message-bytes", "100000", "--stall-timeout", "5"]
+             "--max-message-bytes", "100000", "--stall-timeout", "1"]
     rows = []
     with ServiceProcess("tokenizer_service", *flags) as server:
         server.wait_healthy()
