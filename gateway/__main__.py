@@ -9,14 +9,16 @@ agreement again before the gateway reports SERVING.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from llama_grpc_runtime.auth import TokenFile
-from llama_grpc_runtime.flags import server_parser
+from llama_grpc_runtime.flags import ServerConfig, from_flags, server_parser
 from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -31,7 +33,7 @@ from .upstream import ModelClient, TokenizerClient, UpstreamSecurity, channel_ta
 log = structlog.get_logger()
 
 
-def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespace)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = server_parser(service="gateway", port=50050, metrics_port=9090, max_message_bytes=4 * 1024 * 1024,
                            description="llama-grpc gateway: text and chat completion over the tokenizer and "
                                        "model services")
@@ -60,28 +62,40 @@ def parse_args(argv: list[str] | None = None):  # noqa: ANN201 (argparse.Namespa
     return parser.parse_args(argv)
 
 
-def upstream_security(args) -> UpstreamSecurity:  # noqa: ANN001
-    token_file = TokenFile(args.upstream_auth_token_file) if args.upstream_auth_token_file else None
-    return UpstreamSecurity(tls_ca=args.upstream_tls_ca, tls_cert=args.upstream_tls_cert,
-                            tls_key=args.upstream_tls_key, token_file=token_file)
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway's flags, typed (built once, in ``main``)."""
+
+    server: ServerConfig
+    tokenizer_address: str
+    model_address: str
+    limits: Limits  # what requests may ask for; the served model's limits are added by agreement
+    health_interval: float
+    max_decode_fanout: int
+    security: UpstreamSecurity
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GatewayConfig:
+        token_file = TokenFile(args.upstream_auth_token_file) if args.upstream_auth_token_file else None
+        return from_flags(
+            cls, args, server=from_flags(ServerConfig, args),
+            limits=from_flags(Limits, args, vocab_size=0, max_seq_len=0),
+            security=UpstreamSecurity(tls_ca=args.upstream_tls_ca, tls_cert=args.upstream_tls_cert,
+                                      tls_key=args.upstream_tls_key, token_file=token_file))
 
 
 class Gateway:
-    def __init__(self, args) -> None:  # noqa: ANN001
-        self.args = args
-        security = upstream_security(args)
-        self.tokenizer = TokenizerClient(args.tokenizer_address, security, max_decode_fanout=args.max_decode_fanout)
-        self.model = ModelClient(args.model_address, security)
-        self.base_limits = Limits(max_stop_sequences=args.max_stop_sequences,
-                                  max_stop_sequence_chars=args.max_stop_sequence_chars,
-                                  max_stop_token_ids=args.max_stop_token_ids, max_messages=args.max_messages,
-                                  max_prompt_chars=args.max_prompt_chars,
-                                  max_echo_top_logprobs=args.max_echo_top_logprobs)
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.tokenizer = TokenizerClient(config.tokenizer_address, config.security,
+                                         max_decode_fanout=config.max_decode_fanout)
+        self.model = ModelClient(config.model_address, config.security)
+        self.base_limits = config.limits
         # Replaced whole by the health monitor; each request reads it once.
         self.state = UpstreamState(self.base_limits)
         self.pipeline = CompletionPipeline(self.tokenizer, self.model, lambda: self.state)
         self.servicer = GatewayServicer(self.pipeline, lambda: self.state)
-        self.server = GrpcServer("gateway", args)
+        self.server = GrpcServer("gateway", config.server)
         self.server.add(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer,
                         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name)
         self._monitor: asyncio.Task | None = None
@@ -112,7 +126,7 @@ class Gateway:
                                                                     strict=True) if not ok]
                 log.info("waiting for upstreams", waiting_for=down)
                 next_log = time.monotonic() + 10
-            await asyncio.sleep(self.args.health_interval)
+            await asyncio.sleep(self.config.health_interval)
         self.state = await self.agree()
         if self.state.refusal:
             print(f"gateway: refusing to start: {self.state.refusal}", file=sys.stderr, flush=True)
@@ -123,7 +137,7 @@ class Gateway:
         """Keep health in step with the upstreams; re-check agreement when one comes back."""
         was_up = (True, True)
         while True:
-            await asyncio.sleep(self.args.health_interval)
+            await asyncio.sleep(self.config.health_interval)
             up = await self._health()
             if up != was_up:
                 log.warning("upstream health changed", tokenizer_serving=up[0], model_serving=up[1])
@@ -149,9 +163,9 @@ class Gateway:
             await asyncio.gather(self.tokenizer.close(), self.model.close())
 
 
-async def serve(args) -> int:  # noqa: ANN001
+async def serve(config: GatewayConfig) -> int:
     # grpc.aio binds a server and its channels to the running event loop: create them inside it.
-    return await Gateway(args).run()
+    return await Gateway(config).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: bad upstream address: {error}", file=sys.stderr)
         return 2
     try:
-        upstream_security(args).credentials()
+        config = GatewayConfig.from_args(args)
+        config.security.credentials()
     except (ValueError, OSError) as error:
         print(f"gateway: bad upstream TLS or token settings: {error}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(args))
+    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ServerArgumentParser(argparse.ArgumentParser):
@@ -35,6 +38,31 @@ class ServerArgumentParser(argparse.ArgumentParser):
             kwargs.pop("required", None)
         kwargs["help"] = f"{kwargs.get('help', '')} [env: {env}]".strip()
         return self.add_argument(flag, **kwargs)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``server_parser``'s flags say, typed: where and how a server listens (``GrpcServer``)."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+    metrics_port: int = 0  # 0: no /metrics
+    log_level: str = "info"
+    grace_period: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    open_reflection: bool = False
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = 1000  # 0: no limit
+    stall_timeout: float = 30.0  # 0: none
+
+
+def from_flags(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A config dataclass from parsed flags: each field from the flag of the same name, unless given
+    in ``values``. Only the entry point sees the Namespace; servers get the typed config."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in values}, **values)
 
 
 def server_parser(*, service: str, description: str, port: int, metrics_port: int,

@@ -1,7 +1,7 @@
 """One way to run a grpc.aio server: health, reflection, request ids, metrics, errors, SIGTERM.
 
     async def main() -> int:  # the grpc.aio server must be made inside the running event loop
-        server = GrpcServer("tokenizer", args)
+        server = GrpcServer("tokenizer", from_flags(ServerConfig, args))
         server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
                    tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
         return await server.run(startup=load)
@@ -37,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .auth import TokenFile, check_bearer
 from .context import REQUEST_ID_HEADER, new_request_id, reset_request_id, set_request_id
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, short, status_of
+from .flags import ServerConfig
 from .metrics import request_metrics, serve_metrics
 from .reflection import enable_server_reflection
 
@@ -52,15 +53,15 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what the gateway's channels to its upstr
 class _Policy:
     """What the interceptor enforces, from the server's flags."""
 
-    def __init__(self, args: Any) -> None:
-        path = getattr(args, "auth_token_file", None)
+    def __init__(self, config: ServerConfig) -> None:
+        path = config.auth_token_file
         try:
             self.tokens = TokenFile(path) if path else None
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--auth-token-file: {exc}") from None
-        self.open_reflection = bool(getattr(args, "open_reflection", False))
-        self.max_concurrent_rpcs = int(getattr(args, "max_concurrent_rpcs", 0) or 0)
-        self.stall_timeout = float(getattr(args, "stall_timeout", 0) or 0) or None
+        self.open_reflection = config.open_reflection
+        self.max_concurrent_rpcs = config.max_concurrent_rpcs
+        self.stall_timeout = config.stall_timeout or None
         self.in_flight = 0
 
     def refusal(self, metadata: Any) -> str | None:
@@ -253,12 +254,12 @@ async def _write(context: grpc.aio.ServicerContext, response: Any, stall_timeout
 class GrpcServer:
     """A grpc.aio server with the plumbing every llama-grpc service shares."""
 
-    def __init__(self, service: str, args: Any, *, metrics_prefix: str | None = None) -> None:
+    def __init__(self, service: str, config: ServerConfig, *, metrics_prefix: str | None = None) -> None:
         self.service = service
-        self.args = args
+        self.config = config
         self.metrics_prefix = metrics_prefix or f"llama_{service}"
-        self.policy = _Policy(args)
-        max_message_bytes = int(getattr(args, "max_message_bytes", 0) or MAX_MESSAGE_BYTES)
+        self.policy = _Policy(config)
+        max_message_bytes = config.max_message_bytes or MAX_MESSAGE_BYTES
         self.server = grpc.aio.server(
             interceptors=[_Interceptor(self.metrics_prefix, self.policy)],
             options=[
@@ -297,8 +298,7 @@ class GrpcServer:
         self._stopping.set()
 
     def _credentials(self) -> grpc.ServerCredentials | None:
-        cert, key = self.args.tls_cert, self.args.tls_key
-        client_ca = getattr(self.args, "tls_client_ca", None)
+        cert, key, client_ca = self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca
         if not (cert or key or client_ca):
             return None
         if not (cert and key):
@@ -312,7 +312,7 @@ class GrpcServer:
             raise SystemExit(f"TLS files: {exc}") from None
 
     def _bind(self) -> int:
-        address = f"{self.args.host}:{self.args.port}"
+        address = f"{self.config.host}:{self.config.port}"
         credentials = self._credentials()
         try:
             port = (self.server.add_secure_port(address, credentials) if credentials
@@ -344,10 +344,10 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        serve_metrics(self.args.host, self.args.metrics_port)
+        serve_metrics(self.config.host, self.config.metrics_port)
         await self.server.start()
-        log.info("listening", port=self.port, metrics_port=self.args.metrics_port, services=self.service_names,
-                 tls=bool(self.args.tls_cert), mutual_tls=bool(getattr(self.args, "tls_client_ca", None)),
+        log.info("listening", port=self.port, metrics_port=self.config.metrics_port, services=self.service_names,
+                 tls=bool(self.config.tls_cert), mutual_tls=bool(self.config.tls_client_ca),
                  tokens_required=self.policy.tokens is not None)
         if startup is not None:
             startup_task = asyncio.ensure_future(startup())
@@ -365,10 +365,10 @@ class GrpcServer:
             await self.set_serving(True)
             log.info("serving", port=self.port)
         await self._stopping.wait()
-        log.info("draining", grace_period=self.args.grace_period)
+        log.info("draining", grace_period=self.config.grace_period)
         await self.health.enter_graceful_shutdown()
         if drain is not None:
             await drain()
-        await self.server.stop(self.args.grace_period)
+        await self.server.stop(self.config.grace_period)
         log.info("stopped", exit_code=self.exit_code)
         return self.exit_code

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ import torch
 
 from llama_grpc_runtime.context import REQUEST_ID_HEADER, current_request_id
 from llama_grpc_runtime.errors import InvalidArgument, Unavailable
-from llama_grpc_runtime.flags import server_parser
+from llama_grpc_runtime.flags import ServerConfig, from_flags, server_parser
 from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.common.v1 import common_pb2
@@ -67,6 +67,30 @@ FINISH_REASONS = {
     FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
     FinishReason.TIME_LIMIT: common_pb2.FINISH_REASON_TIME_LIMIT,
 }
+
+
+@dataclass(frozen=True)
+class ModelServiceConfig:
+    """The model service's flags, typed (built once, in ``main``)."""
+
+    server: ServerConfig
+    checkpoint: str | None
+    tp: int
+    device: str
+    dtype: str
+    quantize: str | None
+    max_batch_size: int
+    max_seq_len: int  # 0: the model's context
+    max_queue: int
+    prefill_chunk: int
+    seed: int
+    max_new_tokens_limit: int  # 0: the context is the only limit
+    step_timeout: float
+    max_step_failures: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelServiceConfig:
+        return from_flags(cls, args, server=from_flags(ServerConfig, args))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,8 +231,8 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
-    def __init__(self, args: argparse.Namespace, server: GrpcServer) -> None:
-        self.args = args
+    def __init__(self, config: ModelServiceConfig, server: GrpcServer) -> None:
+        self.config = config
         self.server = server
         self.engine: Engine | None = None
         self.info: Any = None
@@ -224,7 +248,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             structlog.contextvars.bind_contextvars(request_id=request.request_id)
         check_n(request.n)
         generation = limit_new_tokens(request_from_proto(request, context.time_remaining()),
-                                      self.args.max_new_tokens_limit, engine.max_seq_len)
+                                      self.config.max_new_tokens_limit, engine.max_seq_len)
         if request.n <= 1:
             stream = engine.submit(generation)
             try:
@@ -292,7 +316,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             parameter_count=info.parameter_count,
             quantization=info.quantization,
             compile="off",
-            max_new_tokens_limit=self.args.max_new_tokens_limit,
+            max_new_tokens_limit=self.config.max_new_tokens_limit,
             capabilities=common_pb2.GenerationCapabilities(
                 sampling_options=SAMPLING_OPTIONS,
                 stopping_options=STOPPING_OPTIONS,
@@ -319,28 +343,28 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         self.engine = engine
 
     def _load(self) -> Engine:
-        args = self.args
-        options = LoadOptions(checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len or None,
-                              seed=args.seed, quantize=args.quantize)
-        log.info("loading model", checkpoint=args.checkpoint or "embedded default", tp=args.tp,
-                 device=args.device, dtype=args.dtype, quantize=args.quantize or "default")
-        if args.tp > 1:
-            self.runner = TensorParallelRunner(args.tp, options, on_rank_death=self.fatal)
+        config = self.config
+        options = LoadOptions(checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
+                              max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len or None,
+                              seed=config.seed, quantize=config.quantize)
+        log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
+                 device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
+        if config.tp > 1:
+            self.runner = TensorParallelRunner(config.tp, options, on_rank_death=self.fatal)
             loaded = self.runner.start()
         else:
             loaded = options.build()
             self.runner = LocalRunner(loaded.model, loaded.info.device)
         info = self.info = loaded.info
         engine = Engine(self.runner, vocab_size=info.vocab_size, max_seq_len=info.max_seq_len,
-                        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                        prefill_chunk=args.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
+                        max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                        prefill_chunk=config.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
                         on_fatal=self._on_engine_failure,
-                        grammars=load_grammars(args.checkpoint, info.vocab_size, list(info.stop_token_ids)),
-                        step_timeout=args.step_timeout or None, max_step_failures=args.max_step_failures)
+                        grammars=load_grammars(config.checkpoint, info.vocab_size, list(info.stop_token_ids)),
+                        step_timeout=config.step_timeout or None, max_step_failures=config.max_step_failures)
         engine.warm_up()
         log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
-                 max_seq_len=info.max_seq_len, max_batch_size=args.max_batch_size, tp=args.tp,
+                 max_seq_len=info.max_seq_len, max_batch_size=config.max_batch_size, tp=config.tp,
                  parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device),
                  quantization=info.quantization)
         return engine
@@ -374,17 +398,17 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             self.runner.abort()
 
 
-async def serve(args: argparse.Namespace) -> tuple[int, ModelServicer]:
-    server = GrpcServer("model", args)  # grpc.aio binds to the running loop: create it inside
-    servicer = ModelServicer(args, server)
+async def serve(config: ModelServiceConfig) -> tuple[int, ModelServicer]:
+    server = GrpcServer("model", config.server)  # grpc.aio binds to the running loop: create it inside
+    servicer = ModelServicer(config, server)
     server.add(model_pb2_grpc.add_ModelServiceServicer_to_server, servicer, SERVICE_NAME)
     return await server.run(startup=servicer.startup, drain=servicer.drain), servicer
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    configure_logging("model", args.log_level)
-    exit_code, servicer = asyncio.run(serve(args))
+    config = ModelServiceConfig.from_args(parse_args(argv))
+    configure_logging("model", config.server.log_level)
+    exit_code, servicer = asyncio.run(serve(config))
     servicer.close()
     sys.stdout.flush()
     sys.stderr.flush()

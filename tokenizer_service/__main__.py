@@ -8,7 +8,7 @@ import sys
 
 import structlog
 
-from llama_grpc_runtime.flags import ServerArgumentParser, server_parser
+from llama_grpc_runtime.flags import ServerArgumentParser, ServerConfig, from_flags, server_parser
 from llama_grpc_runtime.logs import configure_logging
 from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -43,7 +43,7 @@ async def serve(argv: list[str] | None = None) -> int:
         raise SystemExit("--threads must be at least 1")
     servicer = TokenizerServicer(max_input_chars=args.max_input_chars, threads=args.threads,
                                  max_decode_ids=args.max_decode_ids, max_chat_messages=args.max_chat_messages)
-    server = GrpcServer("tokenizer", args)
+    server = GrpcServer("tokenizer", from_flags(ServerConfig, args))
     server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
                tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
 
