@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -66,6 +66,10 @@ go-tools:
 
 test: install node go-tools assets check-protos lint kubectl
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long fault/load runs (a 10-minute soak at 32 streams): not part of `make test`.
+test-long: install assets
+	$(PY) -m pytest -m long -s $(PYTEST_ARGS)
 
 # make run TLS=1: TLS on every hop, mutual TLS + tokens between the services, a token from clients; the CA,
 # certificates and tokens are made once in $(SECRETS) (deploy/make_secrets.py); the banner says how to call.

@@ -244,6 +244,8 @@ class DecodeStream:
             return texts
         except grpc.aio.AioRpcError as error:
             raise self.client.unavailable(error) from None
+        except asyncio.InvalidStateError:  # a write after the call ended (the tokenizer went away)
+            raise self.client.unavailable(await self._ended()) from None
 
     async def finish(self) -> str:
         """No more ids: the text the decoder still held (bytes of an unfinished character)."""
@@ -255,6 +257,13 @@ class DecodeStream:
             return "".join(tail)
         except grpc.aio.AioRpcError as error:
             raise self.client.unavailable(error) from None
+        except asyncio.InvalidStateError:
+            raise self.client.unavailable(await self._ended()) from None
+
+    async def _ended(self) -> grpc.aio.AioRpcError:
+        """The status the call ended with, as the error a read would have raised."""
+        return grpc.aio.AioRpcError(await self.call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                    await self.call.details())
 
     def cancel(self) -> None:
         self.call.cancel()
