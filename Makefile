@@ -76,7 +76,7 @@ test-long: install assets
 SECRETS ?= .secrets
 run: install assets
 	$(if $(TLS),test -f $(SECRETS)/ca.crt || $(PY) deploy/make_secrets.py $(SECRETS))
-	$(PY) -m gateway.stack $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
+	$(PY) -m llama_grpc_devtools.stack $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
 		$(if $(TLS),--secrets $(SECRETS))
 
 clean:

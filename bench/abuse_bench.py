@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_runtime.assets import default_model_path, llama3_tokenizer_path  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb  # noqa: E402
 from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub  # noqa: E402
-from tests.service_process import ServiceProcess  # noqa: E402
 
 SERVICE = "/llama.tokenizer.v1.TokenizerService"
 MAX_CALLS = 16

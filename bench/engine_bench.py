@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
-from tests.service_process import ServiceProcess  # noqa: E402
 
 QUESTIONS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

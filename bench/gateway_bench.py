@@ -24,10 +24,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
-from tests.service_process import ServiceProcess  # noqa: E402
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -4,7 +4,7 @@ same weights in the same run.
     make bench-model            # or: .venv/bin/python bench/model_bench.py [--models smollm2,1b] ...
 
 Models: SmolLM2-135M-Instruct (the embedded Q4_1 GGUF; both sides run its dequantised weights, HF
-from a safetensors copy written by model_service.make_checkpoint) and a random Llama-3.2-1B-shaped
+from a safetensors copy written by llama_grpc_devtools.make_checkpoint) and a random Llama-3.2-1B-shaped
 model (16 layers, dim 2048, GQA 32/8, vocab 128256, tied). Decode tokens/s counts every generated
 token of every sequence over the decode steps only (prompt processing excluded): for ours the timed
 loop of one-token forwards + argmax, for HF (generate(N) - generate(1)) so its prefill cancels out.
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_grpc_devtools.make_checkpoint import write_checkpoint  # noqa: E402
 from model_service.build import build  # noqa: E402
-from model_service.make_checkpoint import write_checkpoint  # noqa: E402
 from model_service.model import Batch  # noqa: E402
 
 PROMPT_LEN = 32

@@ -14,7 +14,7 @@ DIR then holds (PEM; keys 0600, or 0644 with --world-readable for containers tha
   upstream-tokens                  tokens tokenizer and model accept; the gateway presents the first line
                                    (--upstream-auth-token-file)
 
-`make run TLS=1` (python -m gateway.stack --secrets DIR), deploy/docker-compose.tls.yml and the
+`make run TLS=1` (python -m llama_grpc_devtools.stack --secrets DIR), deploy/docker-compose.tls.yml and the
 Kubernetes component k8s/components/tls all read this layout. For production, let your own CA or
 cert-manager issue the certificates; the names and file layout are what matter.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from tests.service_process import REPO
+from tests import REPO
 
 _spec = importlib.util.spec_from_file_location("make_secrets", REPO / "deploy" / "make_secrets.py")
 make_secrets = importlib.util.module_from_spec(_spec)

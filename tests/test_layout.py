@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("llama_grpc_runtime", "model_files", "tokenizer_service", "model_service", "gateway")
+PACKAGES = ("llama_grpc_runtime", "model_files", "tokenizer_service", "model_service", "gateway",
+            "llama_grpc_devtools")
 
 
 def source_modules() -> list[str]:
@@ -136,3 +138,16 @@ def test_the_tokenizer_core_knows_nothing_of_chat_formats() -> None:
     graph = import_graph()
     chat = {m for m in graph if m.startswith("tokenizer_service.") and "chat" in m}
     assert chat and not graph["tokenizer_service.tokenizer"] & chat
+
+
+def test_no_service_imports_the_developer_tools() -> None:
+    graph = import_graph()
+    services = [m for m in graph if not m.startswith("llama_grpc_devtools")]
+    assert [m for m in services if any(t.startswith("llama_grpc_devtools") for t in graph[m])] == []
+
+
+def test_architecture_md_names_only_files_that_exist() -> None:
+    text = (REPO / "ARCHITECTURE.md").read_text().replace("\\_", "_")
+    named = set(re.findall(r"\b((?:[a-z_0-9]+/)+[a-z_0-9]+\.(?:py|proto))\b", text))
+    assert len(named) > 20
+    assert sorted(path for path in named if not (REPO / path).is_file()) == []

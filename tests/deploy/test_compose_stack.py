@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import free_port
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.deploy.tools import REPO, compose_config
 from tests.pki import Pki, make_pki
-from tests.service_process import free_port
 
 ORDER = ("tokenizer", "model", "gateway")
 

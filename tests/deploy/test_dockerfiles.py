@@ -158,7 +158,7 @@ def target_problems(path: Path, target: str | None, server: str) -> list[str]:
     healthcheck = last.get("HEALTHCHECK", "")
     if f'CMD ["python", "-m", "llama_grpc_runtime.healthcheck", "--service", "{checked}"]' not in healthcheck:
         problems.append(f"{where}: HEALTHCHECK `{healthcheck}` is not the gRPC health check of {checked}")
-    module = "gateway.stack" if server == "stack" else SERVICES[server]
+    module = "llama_grpc_devtools.stack" if server == "stack" else SERVICES[server]
     if not last.get("CMD", "").startswith(f'["python", "-m", "{module}"'):
         problems.append(f"{where}: CMD {last.get('CMD')} does not start {module}")
     exposed = {int(port) for keyword, rest in instructions if keyword == "EXPOSE" for port in rest.split()}

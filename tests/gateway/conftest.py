@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tests.service_process import ServiceProcess
 
 # Small enough to exercise the limits cheaply: 4 slots, 2 waiting, 512-token context.
 MODEL_ARGS = ("--max-batch-size", "4", "--max-queue", "2", "--max-seq-len", "512")

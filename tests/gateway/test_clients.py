@@ -15,7 +15,7 @@ import pytest
 
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.service_process import REPO
+from tests import REPO
 
 from .conftest import Stack
 
@@ -119,7 +119,7 @@ def _three_free_ports() -> int:
 
 
 def _stack(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway.stack", "--base-port", str(_three_free_ports()),
+    return subprocess.Popen([sys.executable, "-m", "llama_grpc_devtools.stack", "--base-port", str(_three_free_ports()),
                              "--metrics-base-port", "0", *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -165,9 +165,9 @@ def test_stack_serves_and_stops_cleanly_on_ctrl_c():
 
 def test_stack_on_a_meta_llama3_directory(tmp_path):
     """--checkpoint points all three at a Meta-format directory: Llama 3 tokenizer, chat format, stops."""
+    from llama_grpc_devtools.make_checkpoint import write_checkpoint
     from llama_grpc_runtime.assets import llama3_tokenizer_path
     from model_service.args import ModelArgs
-    from model_service.make_checkpoint import write_checkpoint
 
     # Random weights, real Llama 3 vocabulary (128,256 ids) and tokenizer.model beside them.
     tiny = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)

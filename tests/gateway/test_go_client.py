@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.service_process import REPO
+from tests import REPO
 
 from .conftest import Stack
 from .test_clients import CITY_SCHEMA

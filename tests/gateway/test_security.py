@@ -1,4 +1,4 @@
-"""Every hop secured, end to end: `python -m gateway.stack --secrets DIR` (what `make run TLS=1` runs)
+"""Every hop secured, end to end: `python -m llama_grpc_devtools.stack --secrets DIR` (what `make run TLS=1` runs)
 with certificates and tokens made in the test. The gateway answers a client with the CA and a token;
 the tokenizer and model answer only a caller with a client certificate of the CA and their token;
 no token, a wrong token, no client certificate, another CA's certificate and plaintext are refused."""
@@ -14,9 +14,9 @@ import pytest
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tests import REPO
 from tests.gateway.test_clients import PARIS_ANSWER, _interrupt, _stack, _wait_for_banner, run
 from tests.pki import make_pki
-from tests.service_process import REPO
 
 
 @pytest.fixture(scope="module")

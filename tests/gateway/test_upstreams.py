@@ -8,10 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess, free_port
 from llama_grpc_runtime.assets import llama3_tokenizer_path
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.service_process import ServiceProcess, free_port
 
 from .conftest import GREEDY, PARIS, Stack, metric, start_gateway, start_model, start_tokenizer
 

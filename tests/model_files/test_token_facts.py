@@ -12,12 +12,12 @@ from pathlib import Path
 import gguf
 import pytest
 
+from llama_grpc_devtools.make_checkpoint import write_checkpoint
 from llama_grpc_runtime.assets import default_model_path, llama3_tokenizer_path
 from model_files.gguf_metadata import read_gguf_metadata
 from model_files.llama3 import llama3_token_facts, llama3_token_facts_for_vocab
 from model_files.token_facts import TokenFacts, gguf_token_facts, hf_token_facts
 from model_service.checkpoint import open_checkpoint
-from model_service.make_checkpoint import write_checkpoint
 from tokenizer_service import load_tokenizer
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_service.make_checkpoint import write_checkpoint
+from llama_grpc_devtools.make_checkpoint import write_checkpoint
 
 TINY_SEED = 7
 

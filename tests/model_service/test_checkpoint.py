@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama_grpc_devtools.make_checkpoint import write_checkpoint
 from model_service.args import ModelArgs
 from model_service.build import build, parameter_count
 from model_service.checkpoint import detect_format
-from model_service.make_checkpoint import write_checkpoint
 from model_service.model import Batch
 
 PROMPT = torch.arange(1, 13)
@@ -106,7 +106,7 @@ def test_bf16_checkpoint_converted_between_formats_keeps_its_logits(tiny_checkpo
 
 
 def test_cli_writes_a_loadable_checkpoint(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "model_service.make_checkpoint", "--preset", "tiny", "--format",
+    out = subprocess.run([sys.executable, "-m", "llama_grpc_devtools.make_checkpoint", "--preset", "tiny", "--format",
                           "meta", "--shards", "2", str(tmp_path / "ckpt")], capture_output=True, text=True, check=True)
     path = Path(out.stdout.strip())
     assert sorted(p.name for p in path.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]

@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llama_grpc_devtools.make_checkpoint import write_checkpoint
 from model_service import distributed
 from model_service.build import build
 from model_service.checkpoint import open_checkpoint
-from model_service.make_checkpoint import write_checkpoint
 from model_service.model import Batch
 from model_service.quant import (
     GGMLBlocks,

@@ -18,11 +18,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
 from model_service.model import Batch
-from tests.service_process import ServiceProcess
 
 MAX_SEQ_LEN = 2048
 LONG_PROMPT = [5, 6, 7, 8]  # on these weights greedy runs >= 600 tokens without a stop token (checked below)

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from model_service.build import build
 from tests.model_service.test_server import LONG_PROMPT, MAX_SEQ_LEN, core_greedy, generate, greedy, request
-from tests.service_process import ServiceProcess
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
@@ -18,7 +19,6 @@ from tests.model_service.test_server import (
     request,
     run,
 )
-from tests.service_process import ServiceProcess
 
 LIMIT = 5
 

@@ -15,9 +15,9 @@ import grpc
 import jsonschema
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
-from tests.service_process import ServiceProcess
 from tokenizer_service.loader import load_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from model_service.build import build
 from tests.model_service.test_server import LONG_PROMPT, core_greedy, generate, greedy, request
-from tests.service_process import ServiceProcess
 
 MAX_SEQ_LEN = 2048
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama_grpc_devtools.make_checkpoint import PRESETS
 from model_service import distributed
 from model_service.build import build, check_runtime
-from model_service.make_checkpoint import PRESETS
 from model_service.model import Batch
 
 FORMATS = ["meta", "meta2", "hf"]

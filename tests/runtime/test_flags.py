@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.service_process import REPO
+from tests import REPO
 from tokenizer_service.__main__ import parser
 
 TWINS = {

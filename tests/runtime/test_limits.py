@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_runtime.assets import llama3_tokenizer_path
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
-from tests.service_process import ServiceProcess
 
 SERVICE = "/llama.tokenizer.v1.TokenizerService"
 MAX_CALLS = 3

@@ -15,11 +15,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_runtime.assets import llama3_tokenizer_path
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
+from tests import REPO
 from tests.pki import Pki, make_pki
-from tests.service_process import REPO, ServiceProcess
 
 # Meta's reference: "This is a test sentence." with BOS.
 GOLDEN = [128000, 2028, 374, 264, 1296, 11914, 13]

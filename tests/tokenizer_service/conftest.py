@@ -6,9 +6,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_runtime.assets import default_model_path, llama3_tokenizer_path
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
-from tests.service_process import ServiceProcess
 from tokenizer_service import ChatTokenizer, load_tokenizer
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_runtime.health import is_serving
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
-from tests.service_process import ServiceProcess
 from tests.tokenizer_service.hf_reference import hf_tokenizer_from_gguf
 
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1.common_pb2 import Message
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1.tokenizer_pb2_grpc import TokenizerServiceStub
-from tests.service_process import ServiceProcess
 from tokenizer_service import ChatTokenizer
 
 GOLDEN_IDS = [128000, 2028, 374, 264, 1296, 11914, 13, 128001]

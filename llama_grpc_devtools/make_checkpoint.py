@@ -1,8 +1,8 @@
 """Write a random-initialised (or converted) Llama checkpoint in Meta, Hugging Face or GGUF format.
 
-    python -m model_service.make_checkpoint --preset tiny --format hf OUT
-    python -m model_service.make_checkpoint --preset 1b --format meta --shards 2 --dtype bfloat16 OUT
-    python -m model_service.make_checkpoint --from SOME_CHECKPOINT --format meta OUT   # convert
+    python -m llama_grpc_devtools.make_checkpoint --preset tiny --format hf OUT
+    python -m llama_grpc_devtools.make_checkpoint --preset 1b --format meta --shards 2 --dtype bfloat16 OUT
+    python -m llama_grpc_devtools.make_checkpoint --from SOME_CHECKPOINT --format meta OUT   # convert
 
 Random weights are a pure function of (preset, seed, tensor name): every format written with the same
 seed holds the same weights, so formats can be checked against each other and against transformers.
@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -189,6 +190,32 @@ def _gguf_name(name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
+def _add_gguf_metadata(writer: Any, args: ModelArgs, name: str, bos: int | None, stops: list[int],
+                       gguf_type: str) -> None:
+    """llama.cpp's keys for a Llama-architecture model and its special tokens."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_block_count(args.n_layers)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_feed_forward_length(args.ffn_hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.kv_heads)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "F32" else gguf.LlamaFileType[f"MOSTLY_{gguf_type}"])
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    if stops:
+        writer.add_eos_token_id(stops[0])
+        if len(stops) == 3:  # Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>
+            writer.add_eom_token_id(stops[1])
+            writer.add_eot_token_id(stops[2])
+
+
 def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int | None, stops: list[int],
                gguf_type: str = "F32") -> None:
     """GGUF, q/k in Meta's row order (what llama.cpp's converter produces), streamed. ``gguf_type``
@@ -209,25 +236,7 @@ def write_gguf(path: Path, args: ModelArgs, get: TensorFn, name: str, bos: int |
         return values if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(values, kind)
 
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(name)
-    writer.add_block_count(args.n_layers)
-    writer.add_context_length(args.max_seq_len)
-    writer.add_embedding_length(args.dim)
-    writer.add_feed_forward_length(args.ffn_hidden_dim)
-    writer.add_head_count(args.n_heads)
-    writer.add_head_count_kv(args.kv_heads)
-    writer.add_layer_norm_rms_eps(args.norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
-    writer.add_rope_dimension_count(args.head_dim)
-    writer.add_vocab_size(args.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if gguf_type == "F32" else gguf.LlamaFileType[f"MOSTLY_{gguf_type}"])
-    if bos is not None:
-        writer.add_bos_token_id(bos)
-    if stops:
-        writer.add_eos_token_id(stops[0])
-        if len(stops) == 3:  # Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>
-            writer.add_eom_token_id(stops[1])
-            writer.add_eot_token_id(stops[2])
+    _add_gguf_metadata(writer, args, name, bos, stops, gguf_type)
     tensors: list[tuple[str, Callable[[], np.ndarray]]] = []
     if args.use_scaled_rope:  # llama.cpp keeps Llama 3.1 scaling as per-frequency divisors
         divisors = np.array(llama3_rope_divisors(args), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""``python -m gateway.stack``: the whole product in the foreground (what ``make run`` calls).
+"""``python -m llama_grpc_devtools.stack``: the whole product in the foreground (``make run``, and the
+demo image's default command).
 
 Starts the tokenizer service, the model service and the gateway as child processes on the default
 ports, on the embedded default model (or ``--checkpoint`` / ``--tokenizer``), prints their logs
@@ -9,11 +10,9 @@ stops all three; if one of them exits, the others are stopped and the stack exit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,8 @@ import grpc
 
 from llama_grpc_runtime.health import is_serving
 
+from .process import ServiceProcess
+
 GRACE_SECONDS = 30.0
 NAMES = ("tokenizer", "model", "gateway")
 _LOG_KEYS_SKIPPED = {"event", "level", "timestamp", "service", "logger"}
@@ -30,7 +31,7 @@ _LOG_KEYS_SKIPPED = {"event", "level", "timestamp", "service", "logger"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m gateway.stack", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m llama_grpc_devtools.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=env("LLAMA_MODEL_CHECKPOINT") or None,
                         help="model: Meta or Hugging Face Llama directory, or GGUF file (default: the embedded "
@@ -54,47 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the stack itself is killed (even by SIGKILL): no orphaned servers."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class Child:
-    def __init__(self, name: str, command: list[str], raw_logs: bool, width: int) -> None:
-        self.name = name
-        self.raw_logs = raw_logs
-        self.width = width
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                        preexec_fn=_die_with_parent)
-        self.last_lines: list[str] = []
-        self._reader = threading.Thread(target=self._relay, daemon=True)
-        self._reader.start()
-
-    def _relay(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.last_lines = [*self.last_lines[-19:], line]
-            print(f"{self.name:>{self.width}} | {line if self.raw_logs else compact(line)}", flush=True)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-        finally:
-            self._reader.join(timeout=2)
-
-
 def compact(line: str) -> str:
     """A JSON log line as ``level event key=value ...``; anything else unchanged."""
     try:
@@ -107,16 +67,12 @@ def compact(line: str) -> str:
     return f"{event.get('level', ''):<7} {event.get('event', '')} {fields}".rstrip()
 
 
-def commands(args: argparse.Namespace) -> dict[str, list[str]]:
-    python = sys.executable
-    port = {name: args.base_port + offset for offset, name in enumerate(("gateway", "tokenizer", "model"))}
-    metrics = {name: (args.metrics_base_port + offset if args.metrics_base_port else 0)
-               for offset, name in enumerate(("gateway", "tokenizer", "model"))}
+PORT_OFFSETS = {"gateway": 0, "tokenizer": 1, "model": 2}
+MODULES = {"tokenizer": "tokenizer_service", "model": "model_service", "gateway": "gateway"}
 
-    def common(name: str) -> list[str]:
-        return ["--host", args.host, "--port", str(port[name]), "--metrics-port", str(metrics[name]),
-                "--log-level", args.log_level]
 
+def service_flags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each service's flags beyond where it listens (which ``ServiceProcess`` adds)."""
     def secured(name: str) -> list[str]:
         """With --secrets: serve TLS; tokenizer and model require the gateway's client certificate and
         token; the gateway requires a client token and dials them with both."""
@@ -131,16 +87,26 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
                 "--upstream-tls-key", str(path / "gateway-client.key"),
                 "--upstream-auth-token-file", str(path / "upstream-tokens")]
 
-    tokenizer = [python, "-m", "tokenizer_service", *common("tokenizer"), *secured("tokenizer")]
+    flags = {name: ["--log-level", args.log_level, *secured(name)] for name in NAMES}
     if args.tokenizer:
-        tokenizer += ["--tokenizer", args.tokenizer]
-    model = [python, "-m", "model_service", *common("model"), *secured("model")]
+        flags["tokenizer"] += ["--tokenizer", args.tokenizer]
     if args.checkpoint:
-        model += ["--checkpoint", args.checkpoint]
-    gateway = [python, "-m", "gateway", *common("gateway"),
-               "--tokenizer-address", f"{args.host}:{port['tokenizer']}",
-               "--model-address", f"{args.host}:{port['model']}", *secured("gateway")]
-    return {"tokenizer": tokenizer, "model": model, "gateway": gateway}
+        flags["model"] += ["--checkpoint", args.checkpoint]
+    flags["gateway"] += ["--tokenizer-address", f"{args.host}:{args.base_port + PORT_OFFSETS['tokenizer']}",
+                         "--model-address", f"{args.host}:{args.base_port + PORT_OFFSETS['model']}"]
+    return flags
+
+
+def start(args: argparse.Namespace) -> dict[str, ServiceProcess]:
+    width = max(map(len, NAMES))
+
+    def printer(name: str):  # noqa: ANN202
+        return lambda line: print(f"{name:>{width}} | {line if args.raw_logs else compact(line)}", flush=True)
+
+    return {name: ServiceProcess(MODULES[name], *flags, host=args.host, port=args.base_port + PORT_OFFSETS[name],
+                                 metrics_port=args.metrics_base_port + PORT_OFFSETS[name] if args.metrics_base_port else 0,
+                                 on_line=printer(name), die_with_parent=True)
+            for name, flags in service_flags(args).items()}
 
 
 def serving(address: str, secrets: str | None = None) -> bool:
@@ -197,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     # A Ctrl-C reaches the whole foreground process group: the children get it too and drain.
-    children = {name: Child(name, command, args.raw_logs, max(map(len, NAMES)))
-                for name, command in commands(args).items()}
+    children = start(args)
     gateway_address = f"{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.base_port}"
     announced = False
     exit_code = 0
@@ -214,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(banner(args), flush=True)
             announced = True
     for child in children.values():
-        child.stop()
+        child.terminate()
     deadline = time.monotonic() + GRACE_SECONDS + 5
     codes = {name: child.wait(max(deadline - time.monotonic(), 0.1)) for name, child in children.items()}
     if exit_code == 0 and any(codes.values()):
