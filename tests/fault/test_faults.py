@@ -19,10 +19,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.gateway.conftest import metric, start_gateway, start_model, start_tokenizer
-from tests.service_process import ServiceProcess
 
 STORY = [common_pb2.Message(role="user", content="Write a very long story about a dragon who learns to cook.")]
 SERVING = health_pb2.HealthCheckResponse.SERVING
