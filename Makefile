@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse bench-peers clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -97,7 +97,7 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse
+bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse bench-peers
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
@@ -112,3 +112,7 @@ bench-abuse: install assets
 bench-grammar: install assets
 	$(PY) -m pip install --quiet xgrammar "$(TORCH_SPEC)"
 	$(PY) bench/grammar_bench.py
+# llama-grpc (in-process, model service, full stack) beside llama.cpp and HF transformers on the same
+# GGUF file: one table + bench/results/peers.json. The llama.cpp column needs `make peers` (~8 min once).
+bench-peers: install assets
+	$(PY) bench/peer_bench.py

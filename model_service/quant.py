@@ -11,6 +11,9 @@ Kernels are PyTorch's own (the ones gpt-fast and torchao's CPU/CUDA int4 and int
 - The CPU kernels are fast with bfloat16 activations only (float32 and float16 take a reference path
   ~50x slower), so the matmul runs in bfloat16 (``compute_dtype``) and its output is cast back to the
   model's dtype; scales and zeros are stored in that dtype too (fp16 GGUF scales lose 3 mantissa bits).
+  A float32 model keeps float32's answers anyway: activations are split into two bfloat16 halves and
+  the scales' rounding is applied in a second call (see ``_QuantLinear.forward``); a bfloat16 model
+  takes the single fast call.
 
 torchao was the first choice, but its CPU int4 tensor is built by quantising a float weight (no way in
 for the file's own scales and zeros without a float copy) and its int8 weight-only CPU path dequantises
@@ -146,9 +149,26 @@ class _QuantLinear(nn.Module):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _low_scales(self, hi: torch.Tensor) -> torch.Tensor | None:
+        """The part of x @ W.T that bfloat16 scales drop (None where the scales are exact enough)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features] in x's dtype
-        y = self._mm(x.reshape(-1, x.shape[-1]).to(self.compute_dtype)).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.dtype == torch.float32:
+            # float32 model: a bfloat16 activation keeps 8 significant bits, enough to flip near-ties
+            # between tokens. x = hi + lo (both bfloat16, ~16 bits together) in one call of twice the
+            # rows: at decode the kernel is memory-bound, so the second row costs little.
+            hi = x2.to(self.compute_dtype)
+            lo = (x2 - hi).to(self.compute_dtype)
+            both = self._mm(torch.cat([hi, lo]))
+            y = both[: x2.shape[0]].float() + both[x2.shape[0]:]
+            low = self._low_scales(hi)
+            if low is not None:
+                y += low
+        else:
+            y = self._mm(x2.to(self.compute_dtype)).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         if self._reduce:
             y = reduce_from_model_parallel_region(y)
@@ -177,14 +197,22 @@ class Int4Linear(_QuantLinear):
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.register_buffer("packed", packed, persistent=False)
-        # [K/g, N, 2]: (scale, zero) per group and output row, as both kernels take them.
-        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(
+        # [K/g, N, 2]: (scale, zero) per group and output row, as both kernels take them; the kernels
+        # take them in bfloat16, so the rounding left over is kept too (used by float32 models).
+        exact = torch.stack([scale.t(), zero.t()], -1).float()
+        self.register_buffer("scales_zeros", exact.to(device=device, dtype=compute_dtype).contiguous(),
+                             persistent=False)
+        self.register_buffer("scales_zeros_low", (exact - self.scales_zeros.float().cpu()).to(
             device=device, dtype=compute_dtype).contiguous(), persistent=False)
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm(self, x: torch.Tensor, scales_zeros: torch.Tensor | None = None) -> torch.Tensor:
+        scales_zeros = self.scales_zeros if scales_zeros is None else scales_zeros
         if self.packed.device.type == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, self.scales_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group_size, scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, scales_zeros)
+
+    def _low_scales(self, hi: torch.Tensor) -> torch.Tensor:
+        return self._mm(hi, self.scales_zeros_low)
 
 
 class Int8Linear(_QuantLinear):
