@@ -162,6 +162,9 @@ class LocalRunner:
         with torch.inference_mode():
             return self.model.forward(batch, all_logits=all_logits)
 
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        self.model.copy_prefix(src_slot, dst_slot, length)
+
     def heartbeat(self) -> None:
         pass
 
@@ -278,9 +281,14 @@ class _Seq(Sequence):
         self.prompt_logprobs: list[float] = [0.0] if self.want_prompt_logprobs else []
         self.prompt_top_logprobs: list[TokenAlternatives] = [[]] if self.want_prompt_logprobs else []
         self.row: SamplingRow | None = None  # made on admission, on the engine's thread and device
+        self.fork_of: _Seq | None = None  # n > 1: the completion whose cached prompt this one copies
         self.last_token_time: float | None = None
         self.cancelled = False
         self.finished = False
+
+    def ready(self) -> bool:
+        parent = self.fork_of
+        return parent is None or parent.finished or (parent.slot >= 0 and not parent.prefilling)
 
 
 class Engine:
@@ -323,10 +331,17 @@ class Engine:
 
     # ---- the event loop's side -------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> GenerationStream:
-        """Queue a request; called on the event loop that will read the stream."""
+    def submit(self, request: GenerationRequest, fork_of: GenerationStream | None = None) -> GenerationStream:
+        """Queue a request; called on the event loop that will read the stream.
+
+        ``fork_of``: another completion of the same prompt (n > 1). This one waits until that one has
+        computed the prompt, then starts from a copy of its cache (all but the last prompt token,
+        which it runs itself to get logits of its own), instead of computing the prompt again.
+        """
         request.validate(self.vocab_size, self.max_seq_len)
         seq = _Seq(request, self)
+        if fork_of is not None and getattr(self.runner, "copy_prefix", None) is not None:
+            seq.fork_of = fork_of._seq
         if request.constraint is not None:
             if self.grammars is None:
                 raise FailedPrecondition("constraint: this model service has no tokenizer files beside its "
@@ -525,8 +540,15 @@ class Engine:
         if seq.grammar is not None:
             row.grammars = self.grammars
             row.matcher = self.grammars.matcher(seq.grammar)  # type: ignore[attr-defined]
+        parent = seq.fork_of
+        seq.fork_of = None  # no longer needed: do not keep a finished parent alive
+        shared = seq.prompt_len - 1
+        if parent is not None and shared > 0 and parent.slot >= 0 and parent.num_cached >= shared \
+                and parent.tokens[:shared] == seq.tokens[:shared]:
+            self.runner.copy_prefix(parent.slot, seq.slot, shared)  # type: ignore[attr-defined]
+            seq.num_cached = shared
         if not seq.internal:
-            self.metrics.prompt_tokens.inc(seq.prompt_len)
+            self.metrics.prompt_tokens.inc(seq.prompt_len - seq.num_cached)
 
     def _batch(self, work: list[Work]) -> object:
         from .model import Batch  # the model core; imported here so scheduling code loads without it

@@ -260,6 +260,15 @@ class Transformer(nn.Module):
             attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(self.params, max_seq_len, device)
 
+    @torch.inference_mode()
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Keys/values of positions [0, length) from one cache slot to another (n completions of a
+        prompt fork from the slot that computed it)."""
+        for layer in self.layers:
+            cache = layer.attention.cache
+            cache.k[dst_slot, :length] = cache.k[src_slot, :length]
+            cache.v[dst_slot, :length] = cache.v[src_slot, :length]
+
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device  # norms stay float; embeddings and linears may be packed

@@ -27,6 +27,10 @@ class Sequence:
     def prefilling(self) -> bool:
         return self.num_cached < self.prompt_len
 
+    def ready(self) -> bool:
+        """May be admitted now (a fork waits for the sequence it forks from to compute the prompt)."""
+        return True
+
 
 @dataclass(frozen=True)
 class Work:
@@ -76,8 +80,12 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Give free slots to the longest-waiting sequences; return the newly admitted ones."""
         admitted = []
-        while self.waiting and self._free_slots:
-            seq = self.waiting.popleft()
+        for seq in list(self.waiting):
+            if not self._free_slots:
+                break
+            if not seq.ready():
+                continue
+            self.waiting.remove(seq)
             seq.slot = self._free_slots.pop()
             seq.num_cached = 0  # whatever the slot held before is overwritten position by position
             self.running.append(seq)

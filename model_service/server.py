@@ -264,7 +264,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def _generate_n(engine: Engine, request: GenerationRequest,
                           n: int) -> AsyncIterator[model_pb2.GenerateResponse]:
         """n completions as n sequences of the batch, interleaved as their chunks come; completion i
-        seeded with completion_seed(seed, i). Any failure or a cancelled call ends all of them."""
+        seeded with completion_seed(seed, i); completions 1.. start from a copy of completion 0's
+        cached prompt. Any failure or a cancelled call ends all of them."""
         streams: list[GenerationStream] = []
         readers: list[asyncio.Future] = []
         queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
@@ -281,7 +282,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         try:
             for index in range(n):
                 sampling = replace(request.sampling, seed=completion_seed(request.sampling.seed, index))
-                streams.append(engine.submit(replace(request, sampling=sampling)))
+                # Completions 1.. fork from completion 0's cached prompt: the prompt is computed once.
+                fork_of = streams[0] if streams else None
+                streams.append(engine.submit(replace(request, sampling=sampling), fork_of=fork_of))
             readers += [asyncio.ensure_future(read(index, stream)) for index, stream in enumerate(streams)]
             running = n
             while running:

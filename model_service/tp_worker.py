@@ -30,7 +30,7 @@ from .build import DTYPES
 
 log = structlog.get_logger()
 
-HEARTBEAT, FORWARD, STOP = 0, 1, 2
+HEARTBEAT, FORWARD, STOP, COPY_PREFIX = 0, 1, 2, 3
 HEARTBEAT_INTERVAL_S = 5.0
 
 
@@ -79,6 +79,8 @@ def receive_plan(device: torch.device) -> tuple[int, Any, bool]:
     header = torch.empty(4, dtype=torch.long, device=device)
     dist.broadcast(header, src=0)
     command, n_tokens, n_seqs, all_logits = header.tolist()
+    if command == COPY_PREFIX:  # the header carries (source slot, destination slot, length)
+        return command, (n_tokens, n_seqs, all_logits), False
     if command != FORWARD:
         return command, None, False
     payload = torch.empty(n_tokens + 3 * n_seqs, dtype=torch.long, device=device)
@@ -135,6 +137,8 @@ def worker_main(rank: int, world_size: int, init_method: str, options: LoadOptio
         if command == FORWARD:
             with torch.inference_mode():
                 model.forward(batch, all_logits=all_logits)
+        elif command == COPY_PREFIX:
+            model.copy_prefix(*batch)
     log.info("rank stopping")
     shutdown()
 
@@ -191,6 +195,12 @@ class TensorParallelRunner:
         send_plan(FORWARD, batch, all_logits, self._comm)
         with torch.inference_mode():
             return self.model.forward(batch, all_logits=all_logits)
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Every rank copies its shard of the cache."""
+        dist.broadcast(torch.tensor([COPY_PREFIX, src_slot, dst_slot, length], dtype=torch.long, device=self._comm),
+                       src=0)
+        self.model.copy_prefix(src_slot, dst_slot, length)
 
     def heartbeat(self) -> None:
         send_plan(HEARTBEAT, device=self._comm)

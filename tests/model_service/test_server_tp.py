@@ -57,6 +57,17 @@ def test_tp2_serves_the_same_greedy_tokens_as_tp1(tp_server, core):
         assert tokens == expected and responses[-1].finish_reason == reason
 
 
+def test_tp2_n_completions_fork_the_cached_prompt_on_every_rank(tp_server, core):
+    """n = 3 greedy: the forks copy the prompt's cache on both ranks (COPY_PREFIX) and agree with tp=1."""
+    prompt = list(range(200, 230))
+    _, responses = asyncio.run(generate(tp_server.address, request(prompt, n=3, **greedy(12))))
+    by_index: dict[int, list[int]] = {}
+    for response in responses:
+        by_index.setdefault(response.index, []).extend(response.token_ids)
+    expected, _ = core_greedy(core, prompt, 12)
+    assert by_index == {0: expected, 1: expected, 2: expected}
+
+
 def test_a_dying_rank_fails_requests_and_exits_non_zero(tiny_checkpoints):
     proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta2"]), "--tp", "2",
                           "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--grace-period", "30")
