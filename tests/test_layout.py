@@ -11,6 +11,7 @@ import ast
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,18 @@ def test_architecture_md_names_only_files_that_exist() -> None:
     named = set(re.findall(r"\b((?:[a-z_0-9]+/)+[a-z_0-9]+\.(?:py|proto))\b", text))
     assert len(named) > 20
     assert sorted(path for path in named if not (REPO / path).is_file()) == []
+
+
+def test_generate_check_passes_on_the_tree_and_catches_an_edited_stub(tmp_path: Path) -> None:
+    protos = tmp_path / "protos"
+    shutil.copytree(REPO / "protos", protos, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(protos / "generate.py"), "--check"], capture_output=True,
+                              text=True, timeout=120)
+
+    assert check().returncode == 0
+    stub = protos / "llama_grpc_stubs" / "gateway" / "v1" / "gateway_pb2_grpc.py"
+    stub.write_text(stub.read_text().replace("from llama_grpc_stubs.gateway.v1", "from llama.gateway.v1"))
+    done = check()
+    assert done.returncode == 1 and "gateway/v1/gateway_pb2_grpc.py" in done.stderr
