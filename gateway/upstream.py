@@ -31,8 +31,8 @@ import grpc
 from llama_grpc_runtime.auth import TokenFile, bearer
 from llama_grpc_runtime.context import outgoing_metadata
 from llama_grpc_runtime.errors import Unavailable
+from llama_grpc_runtime.flags import MAX_MESSAGE_BYTES
 from llama_grpc_runtime.health import is_serving_async
-from llama_grpc_runtime.server import MAX_MESSAGE_BYTES
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc

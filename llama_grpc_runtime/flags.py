@@ -13,6 +13,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Largest request or response message a server takes by default (--max-message-bytes), and what the
+# gateway's channels to its upstreams accept.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 
 class ServerArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose flags default to ``{env_prefix}_{FLAG}`` environment variables."""
@@ -54,7 +58,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     open_reflection: bool = False
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     max_concurrent_rpcs: int = 1000  # 0: no limit
     stall_timeout: float = 30.0  # 0: none
 
@@ -66,7 +70,7 @@ def from_flags(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
 
 
 def server_parser(*, service: str, description: str, port: int, metrics_port: int,
-                  max_message_bytes: int = 64 * 1024 * 1024) -> ServerArgumentParser:
+                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> ServerArgumentParser:
     """The flags every server takes: where to listen, metrics, logs, shutdown, TLS, tokens, limits."""
     parser = ServerArgumentParser(
         prog=f"python -m {service}_service" if service != "gateway" else "python -m gateway",

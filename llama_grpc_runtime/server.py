@@ -37,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .auth import TokenFile, check_bearer
 from .context import REQUEST_ID_HEADER, new_request_id, reset_request_id, set_request_id
 from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, short, status_of
-from .flags import ServerConfig
+from .flags import MAX_MESSAGE_BYTES, ServerConfig
 from .metrics import request_metrics, serve_metrics
 from .reflection import enable_server_reflection
 
@@ -47,7 +47,6 @@ log = structlog.get_logger()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _HEALTH = "/grpc.health.v1."
 _REFLECTION = "/grpc.reflection."
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what the gateway's channels to its upstreams accept
 
 
 class _Policy:
