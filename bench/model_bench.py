@@ -34,7 +34,8 @@ REPEATS = 2
 
 
 def our_decode_rate(path: Path, dtype: str, batch: int, steps: int) -> float:
-    model = build(path, dtype=dtype, max_batch_size=batch, max_seq_len=PROMPT_LEN + steps + 1).model
+    # quantize="none": the same dequantised weights HF runs (bench/peer_bench.py measures the packed path).
+    model = build(path, dtype=dtype, max_batch_size=batch, max_seq_len=PROMPT_LEN + steps + 1, quantize="none").model
     vocab = model.vocab_size
     prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     slots = list(range(batch))
