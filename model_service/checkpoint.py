@@ -315,7 +315,11 @@ class GGUFReader(CheckpointReader):
         self.path = path
         metadata = read_gguf_metadata(path, count_only=_GGUF_COUNT_ONLY)
         self.metadata = metadata
-        self.reader = gguf.GGUFReader(path)  # memory-maps the file; used for the tensors only
+        try:
+            self.reader = gguf.GGUFReader(path)  # memory-maps the file; used for the tensors only
+        except (IndexError, ValueError, KeyError, OverflowError) as exc:  # what it raises on a bad tensor table
+            raise ValueError(f"{path}: the tensor table is not valid GGUF ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
         # The parsed fields hold one numpy array per vocabulary string (~150 MB for a 128K vocab);
         # the metadata came from read_gguf_metadata.
         self.reader.fields.clear()

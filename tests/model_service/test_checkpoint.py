@@ -262,3 +262,20 @@ def test_a_malicious_pickle_is_refused_without_running_it(tiny_checkpoints, tmp_
     # The same file through plain pickle semantics would have run the payload: the test's file is real.
     torch.load(meta / "consolidated.00.pth", weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("tensor_table", ["count beyond the file", "dimensions beyond the file"])
+def test_a_gguf_tensor_table_that_does_not_fit_is_a_clear_error(tmp_path, tensor_table):
+    """Metadata that reads fine, then a tensor table claiming more than the file holds."""
+    import struct
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    metadata = string("general.architecture") + struct.pack("<I", 8) + string("llama")
+    count, table = (1 << 40, b"") if tensor_table == "count beyond the file" else (
+        1, string("token_embd.weight") + struct.pack("<I", 1 << 31))
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, count, 1) + metadata + table + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"hostile\.gguf: the tensor table is not valid GGUF"):
+        build(path, max_batch_size=1, max_seq_len=8)
