@@ -114,5 +114,7 @@ bench-grammar: install assets
 	$(PY) bench/grammar_bench.py
 # llama-grpc (in-process, model service, full stack) beside llama.cpp and HF transformers on the same
 # GGUF file: one table + bench/results/peers.json. The llama.cpp column needs `make peers` (~8 min once).
+# make bench-peers BENCH_PEERS_ARGS="--dtype bfloat16": the one-call bfloat16 path instead of float32's two.
+BENCH_PEERS_ARGS ?=
 bench-peers: install assets
-	$(PY) bench/peer_bench.py
+	$(PY) bench/peer_bench.py $(BENCH_PEERS_ARGS)

@@ -114,12 +114,12 @@ def hf(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
 
 # ---- llama-grpc in-process -----------------------------------------------------------------------
 
-def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
+def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str) -> dict:
     from model_service.build import build
     from model_service.model import Batch
 
     max_streams = max(STREAMS)
-    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8)
+    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype)
     model = loaded.model
     row: dict = {"quantization": loaded.info.quantization}
 
@@ -294,6 +294,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a GGUF file (default: the embedded SmolLM2 Q4_1)")
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="llama-grpc's activations: float32 (the service default: int4/int8 calls with two "
+                             "bfloat16 halves, closest to llama.cpp's tokens) or bfloat16 (one call, fastest)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "peers.json"))
     ns = parser.parse_args()
@@ -307,7 +310,7 @@ def main() -> None:
     skip = set(ns.skip.split(",")) - {""}
     started = time.monotonic()
     max_seq_len = 1024 + 2 * ns.new_tokens + 16
-    model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len)]
+    model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len), "--dtype", ns.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     results: dict = {}
@@ -315,7 +318,7 @@ def main() -> None:
     ids = meta["ids"]
     print(f"  services done ({time.monotonic() - started:.0f} s): {meta['quantization']}", file=sys.stderr, flush=True)
     if "in_process" not in skip:
-        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens)
+        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype)
         print(f"  in-process done ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if "llama_cpp" not in skip:
         results["llama_cpp"] = llama_cpp(checkpoint, ids, 2 * ns.new_tokens)
@@ -331,7 +334,7 @@ def main() -> None:
 
     args = open_checkpoint(checkpoint).args
     cache_mb = 2 * args.n_layers * max(STREAMS) * max_seq_len * args.kv_heads * args.head_dim * 4 / 2**20
-    report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "streams": STREAMS,
+    report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "dtype": ns.dtype, "streams": STREAMS,
               "new_tokens": ns.new_tokens, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "seconds": time.monotonic() - started, "kv_cache_mb": cache_mb, "results": results}
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
