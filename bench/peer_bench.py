@@ -36,8 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.service_process import ServiceProcess  # noqa: E402
-
+from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
