@@ -2,11 +2,11 @@
 
 Why llguidance (``make bench-grammar``, numbers in the README): on our byte-level BPE vocabularies
 every random walk through a realistic JSON Schema decoded to JSON that ``jsonschema`` accepts, where
-xgrammar's let raw control characters into strings (json.loads refused 2 of 20 walks); a cold
-schema compile takes ~0.6 ms against xgrammar's 7-13 ms; it builds its tokenizer straight from the
+xgrammar's let raw control characters into strings (json.loads refused 5 of 40 walks); a cold
+schema compile takes ~0.7 ms against xgrammar's 7-16 ms; it builds its tokenizer straight from the
 tiktoken ``Encoding`` our loaders make, and installs without torch/triton/transformers. Its mask
-costs ~1-2 ms per step for 16 constrained rows on CPU (xgrammar's precomputed masks: ~0.1 ms),
-paid only by steps that have constrained rows.
+costs ~1-2 ms per step for 16 constrained rows on an idle CPU (xgrammar's precomputed masks:
+~0.1 ms), paid only by steps that have constrained rows.
 
 Where it runs: the model service samples, so it builds the grammar engine's vocabulary from the
 model files it loads, with the tokenizer service's own loaders (``tokenizer_service.loader``: Llama 3
