@@ -214,3 +214,16 @@ def test_cuda_int4_and_int8_linears_equal_float32():
     q8, scale8 = quantize_int8(w)
     int8 = Int8Linear(q8, scale8, device=cuda)
     assert relative_error(int8(x.to(cuda)).cpu(), x @ (q8.float() * scale8.bfloat16().float()[:, None]).T) < 0.02
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_serves_gguf_q4_blocks_like_the_cpu(q4_gguf):
+    # bfloat16 on both: CUDA's int4 kernel and the CPU's take bfloat16 activations the same way.
+    prompt = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for device in ("cpu", "cuda"):
+        loaded = build(q4_gguf, device=device, dtype="bfloat16", max_batch_size=1, max_seq_len=32)
+        assert "int4 (Q4_1 as stored) x14" in loaded.info.quantization
+        logits[device] = loaded.model(Batch(prompt, [0], [0], [11]), all_logits=True).cpu()
+    assert relative_error(logits["cuda"], logits["cpu"]) < 0.05
