@@ -62,6 +62,7 @@ def agreed_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~1 min on a quiet machine; llama.cpp and ours each decode 8 x 24 tokens
 @pytest.mark.skipif(not PEER_PYTHON.exists(), reason="llama.cpp peer not installed (make peers)")
 def test_int4_greedy_tokens_agree_with_llama_cpp():
     path = default_model_path()
