@@ -68,25 +68,41 @@ def test_tp2_n_completions_fork_the_cached_prompt_on_every_rank(tp_server, core)
     assert by_index == {0: expected, 1: expected, 2: expected}
 
 
+def hurt_rank_mid_stream(proc: ServiceProcess, sig: signal.Signals) -> tuple[grpc.aio.AioRpcError, int]:
+    """Send ``sig`` to rank 1 while a generation streams; return the stream's error and what health
+    said right after (NOT_SERVING when the server had already stopped answering)."""
+    (rank1,) = rank_processes(proc)
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(proc.address) as channel:
+            call = model_pb2_grpc.ModelServiceStub(channel).Generate(request(LONG_PROMPT, **greedy(0)))
+            await call.read()
+            os.kill(rank1, sig)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                while await call.read() != grpc.aio.EOF:
+                    pass
+            try:
+                status = (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                          timeout=5)).status
+            except grpc.aio.AioRpcError:  # already gone: just as good for a probe
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            return error.value, status
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank1, signal.SIGKILL)  # a stopped rank cannot act on SIGTERM
+
+
 def test_a_dying_rank_fails_requests_and_exits_non_zero(tiny_checkpoints):
     proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta2"]), "--tp", "2",
                           "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--grace-period", "30")
     try:
         proc.wait_healthy(timeout=180)
-        (rank1,) = rank_processes(proc)
-
-        async def scenario():
-            async with grpc.aio.insecure_channel(proc.address) as channel:
-                call = model_pb2_grpc.ModelServiceStub(channel).Generate(request(LONG_PROMPT, **greedy(0)))
-                await call.read()
-                os.kill(rank1, signal.SIGKILL)
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    while await call.read() != grpc.aio.EOF:
-                        pass
-                return error.value
-
-        error = asyncio.run(scenario())
+        error, status = hurt_rank_mid_stream(proc, signal.SIGKILL)
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in error.details()
+        assert status != health_pb2.HealthCheckResponse.SERVING
         assert proc.process.wait(60) == 1  # no hang, and an orchestrator sees a failure
         events = [e.get("event") for e in proc.log_events()]
         assert "engine failed" in events and "model service failing" in events
@@ -101,34 +117,13 @@ def test_a_wedged_rank_turns_health_not_serving_and_exits_non_zero(tiny_checkpoi
     saying SERVING, and the process exits 1 so the orchestrator replaces it."""
     proc = ServiceProcess("model_service", "--checkpoint", str(tiny_checkpoints["meta2"]), "--tp", "2",
                           "--max-batch-size", "2", "--max-seq-len", str(MAX_SEQ_LEN), "--step-timeout", "3")
-    rank1 = None
     try:
         proc.wait_healthy(timeout=180)
-        (rank1,) = rank_processes(proc)
-
-        async def scenario():
-            async with grpc.aio.insecure_channel(proc.address) as channel:
-                call = model_pb2_grpc.ModelServiceStub(channel).Generate(request(LONG_PROMPT, **greedy(0)))
-                await call.read()
-                os.kill(rank1, signal.SIGSTOP)
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    while await call.read() != grpc.aio.EOF:
-                        pass
-                health = health_pb2_grpc.HealthStub(channel)
-                try:
-                    status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
-                except grpc.aio.AioRpcError:  # already gone: just as good for a probe
-                    status = health_pb2.HealthCheckResponse.NOT_SERVING
-                return error.value, status
-
-        error, status = asyncio.run(scenario())
+        error, status = hurt_rank_mid_stream(proc, signal.SIGSTOP)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert status != health_pb2.HealthCheckResponse.SERVING
         assert proc.process.wait(60) == 1
         failed = [e for e in proc.log_events() if e.get("event") == "engine failed"]
         assert failed and "--step-timeout" in failed[0]["error"]
     finally:
-        if rank1:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rank1, signal.SIGKILL)
         proc.stop()
