@@ -56,6 +56,12 @@ class CheckpointInfo:
     device: str
     tp_size: int
     quantization: str = "none"  # what runs, e.g. "int4 (Q4_1 as stored) x210; int8 (from Q8_0, per row) x1"
+    kv_num_blocks: int = 0  # the paged KV cache: this many blocks of kv_block_size tokens
+    kv_block_size: int = 0
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.kv_num_blocks * self.kv_block_size
 
 
 @dataclass
@@ -213,10 +219,14 @@ def describe(labels: list[str]) -> str:
 
 def build(checkpoint: str | Path | None = None, *, device: str | torch.device = "cpu",
           dtype: torch.dtype | str = torch.float32, max_batch_size: int, max_seq_len: int | None,
-          seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None) -> LoadedModel:
+          seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None,
+          kv_cache_tokens: int | None = None, kv_block_size: int = 16) -> LoadedModel:
     """Load a checkpoint (Meta dir, HF dir, or GGUF file; None = the embedded default model) as this
-    rank's shard, allocate KV caches for ``max_batch_size`` sequences of up to ``max_seq_len`` tokens
-    (None = the checkpoint's context) and return it ready for ``model.forward``.
+    rank's shard, allocate the paged KV cache and return it ready for ``model.forward``.
+
+    Sequences may have up to ``max_seq_len`` tokens (None = the checkpoint's context). The cache holds
+    ``kv_cache_tokens`` tokens in blocks of ``kv_block_size`` (None: ``max_batch_size`` sequences of
+    ``max_seq_len`` tokens; 0: what the memory budget allows, see ``default_cache_tokens``).
 
     ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary. ``quantize``: "none",
     "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
@@ -246,13 +256,20 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         model = Transformer(args)
     quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize)
     model.eval()
-    model.setup_caches(max_batch_size, serving_len, dtype, device)
+    if kv_block_size < 1:
+        raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
+    if kv_cache_tokens is None:  # one slot of whole blocks per sequence
+        kv_cache_tokens = max_batch_size * -(-serving_len // kv_block_size) * kv_block_size
+    elif kv_cache_tokens == 0:
+        kv_cache_tokens = default_cache_tokens(model.kv_bytes_per_token(dtype), device, serving_len)
+    num_blocks = _agree_across_ranks(-(-kv_cache_tokens // kv_block_size), device, tp)
+    model.setup_caches(max_batch_size, serving_len, dtype, device, num_blocks=num_blocks, block_size=kv_block_size)
 
     info = CheckpointInfo(
         name=reader.name, format=reader.format, path=reader.path, stop_token_ids=reader.stop_token_ids,
         bos_token_id=reader.bos_token_id, vocab_size=args.vocab_size, max_seq_len=serving_len,
         parameter_count=parameter_count(args), dtype=str(dtype).removeprefix("torch."), device=str(device),
-        tp_size=tp, quantization=quantization)
+        tp_size=tp, quantization=quantization, kv_num_blocks=num_blocks, kv_block_size=kv_block_size)
     del reader  # unmaps the checkpoint: its pages no longer count as this process's memory
     _release_freed_memory()
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():
@@ -269,6 +286,32 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+CPU_CACHE_BUDGET_BYTES = 256 << 20  # several services share a CPU machine's memory
+CUDA_CACHE_SHARE = 0.5  # of the device memory still free once the weights are loaded
+
+
+def default_cache_tokens(bytes_per_token: int, device: torch.device, max_seq_len: int) -> int:
+    """KV-cache capacity from a memory budget: a modest fixed budget on CPU, a share of the free
+    memory on CUDA; never less than one sequence of ``max_seq_len`` tokens."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * CUDA_CACHE_SHARE)
+    else:
+        budget = CPU_CACHE_BUDGET_BYTES
+    return max(budget // bytes_per_token, max_seq_len)
+
+
+def _agree_across_ranks(num_blocks: int, device: torch.device, tp: int) -> int:
+    """Every tensor-parallel rank must have the same number of blocks (the smallest any can afford)."""
+    if tp == 1:
+        return num_blocks
+    import torch.distributed as dist
+
+    value = torch.tensor([num_blocks], dtype=torch.long, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
 
 
 def parameter_count(args: ModelArgs) -> int:

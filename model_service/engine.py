@@ -1,22 +1,22 @@
-"""The generation engine: continuous batching over KV-cache slots, stepping in a thread of its own.
+"""The generation engine: the step thread, and delivery of its results to asyncio.
 
-Requests join the running batch between steps and leave it when they finish (iteration-level
-scheduling, see ``scheduler.py``). Each step is one forward over every sequence holding a slot, then
-one sampled token for each sequence whose known tokens are all cached. The step loop runs in a
-dedicated thread so the asyncio loop serving gRPC never waits on a forward; results reach it through
-``loop.call_soon_threadsafe``, once per step. Plain Python and tensors: no protobuf here.
+Each step is schedule -> execute -> update (vLLM v1's ``EngineCore.step``): the scheduler
+(``scheduler.py``) decides the step's work and owns every sequence's state, blocks and stop checks;
+the runner (``runner.py``) turns the work into tensors and runs the forward; the engine samples one
+token for each sequence whose known tokens are all cached, hands it to the scheduler, and delivers
+what the reader should see. The step loop runs in a dedicated thread so the asyncio loop serving
+gRPC never waits on a forward; results reach it through ``loop.call_soon_threadsafe``, once per
+step. Plain Python and tensors: no protobuf here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Protocol
 
 import structlog
 import torch
@@ -32,20 +32,16 @@ from llama_grpc_runtime.errors import (
 )
 
 from .options import Constraint, check_output, check_stopping
+from .runner import LocalRunner, Runner
 from .sampling import SamplingParams, SamplingRow, new_generator, sample, token_logprobs
-from .scheduler import Scheduler, Sequence, Work
+from .scheduler import FinishReason, Scheduler, Sequence, StepPlan, Work
+
+__all__ = ["Engine", "FinishReason", "GenerationChunk", "GenerationRequest", "GenerationStream", "Load",
+           "LocalRunner", "Runner", "TokenAlternatives"]
 
 log = structlog.get_logger()
 
 TokenAlternatives = list[tuple[int, float]]  # (token id, logprob), most likely first
-
-
-class FinishReason(enum.Enum):
-    LENGTH = "length"  # max_new_tokens reached
-    STOP_TOKEN = "stop_token"  # the model's or the caller's stop token (not returned)
-    CONTEXT_LIMIT = "context_limit"  # prompt + output filled the context
-    CANCELLED = "cancelled"  # the caller went away, or the server is shutting down
-    TIME_LIMIT = "time_limit"  # time_limit_ms ran out: the output so far is the answer
 
 
 class EngineStalled(RuntimeError):
@@ -120,6 +116,7 @@ class GenerationChunk:
     prompt_top_logprobs: list[TokenAlternatives] = field(default_factory=list)
     finish_reason: FinishReason | None = None  # set on the last chunk only
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the prefix cache (set on the last chunk)
     generated_tokens: int = 0  # tokens returned so far (a stop token is not returned)
     error: Exception | None = None
 
@@ -131,48 +128,19 @@ class GenerationChunk:
         self.prompt_top_logprobs += later.prompt_top_logprobs
         self.finish_reason = later.finish_reason or self.finish_reason
         self.prompt_tokens = later.prompt_tokens or self.prompt_tokens
+        self.cached_prompt_tokens = later.cached_prompt_tokens or self.cached_prompt_tokens
         self.generated_tokens = max(self.generated_tokens, later.generated_tokens)
         self.error = later.error or self.error
 
 
-class Runner(Protocol):
-    """Runs the model's forward for the engine: in this process, or on every tensor-parallel rank."""
+@dataclass(frozen=True)
+class Load:
+    """How busy the engine is (what a router balancing replicas wants to know)."""
 
-    device: torch.device
-    fatal_errors: bool  # a failed step leaves the runner unusable (ranks out of step)
-    heartbeat_interval: float | None  # call heartbeat() when idle this long (None: never)
-
-    def forward(self, batch: object, all_logits: bool) -> torch.Tensor: ...
-    def heartbeat(self) -> None: ...
-    def close(self) -> None: ...  # from the step thread, on its way out
-    def abort(self) -> None: ...  # from any thread, when the step thread is stuck
-
-
-class LocalRunner:
-    """The whole model in this process."""
-
-    fatal_errors = False
-    heartbeat_interval = None
-
-    def __init__(self, model: torch.nn.Module, device: torch.device | str) -> None:
-        self.model = model
-        self.device = torch.device(device)
-
-    def forward(self, batch: object, all_logits: bool) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model.forward(batch, all_logits=all_logits)
-
-    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
-        self.model.copy_prefix(src_slot, dst_slot, length)
-
-    def heartbeat(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+    running_sequences: int = 0
+    queued_requests: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,8 +149,12 @@ class EngineMetrics:
     queued: Gauge
     slots_used: Gauge
     cached_tokens: Gauge
+    blocks_used: Gauge
+    blocks_total: Gauge
     generated_tokens: Counter
     prompt_tokens: Counter
+    prefix_hit_tokens: Counter
+    preemptions: Counter
     finished: Counter
     time_to_first_token: Histogram
     inter_token_latency: Histogram
@@ -195,12 +167,17 @@ def engine_metrics() -> EngineMetrics:
     """Created once per process (Prometheus' registry refuses duplicates)."""
     p = "llama_model"
     return EngineMetrics(
-        running=Gauge(f"{p}_running_sequences", "sequences holding a cache slot (prefilling or decoding)"),
-        queued=Gauge(f"{p}_queued_requests", "requests waiting for a cache slot"),
-        slots_used=Gauge(f"{p}_kv_slots_used", "KV-cache slots in use"),
-        cached_tokens=Gauge(f"{p}_kv_cached_tokens", "tokens whose keys/values are in the cache"),
+        running=Gauge(f"{p}_running_sequences", "sequences in the running batch (prefilling or decoding)"),
+        queued=Gauge(f"{p}_queued_requests", "requests waiting for the batch (new or preempted)"),
+        slots_used=Gauge(f"{p}_kv_slots_used", "sequences holding KV-cache blocks"),
+        cached_tokens=Gauge(f"{p}_kv_cached_tokens", "tokens of running sequences whose keys/values are cached"),
+        blocks_used=Gauge(f"{p}_kv_blocks_used", "KV-cache blocks held by sequences"),
+        blocks_total=Gauge(f"{p}_kv_blocks_total", "KV-cache blocks in the pool"),
         generated_tokens=Counter(f"{p}_generated_tokens_total", "tokens generated and returned"),
-        prompt_tokens=Counter(f"{p}_prompt_tokens_total", "prompt tokens run through the model"),
+        prompt_tokens=Counter(f"{p}_prompt_tokens_total", "prompt tokens of admitted requests"),
+        prefix_hit_tokens=Counter(f"{p}_prefix_cache_hit_tokens_total",
+                                  "prompt tokens served from the prefix cache instead of computed"),
+        preemptions=Counter(f"{p}_preemptions_total", "sequences preempted for lack of KV-cache blocks"),
         finished=Counter(f"{p}_finished_requests_total", "generations ended, by finish reason", ["reason"]),
         time_to_first_token=Histogram(
             f"{p}_time_to_first_token_seconds", "arrival to first sampled token",
@@ -224,9 +201,9 @@ class GenerationStream:
     several tokens at a time instead of an ever-growing backlog of messages.
     """
 
-    def __init__(self, engine: Engine, seq: _Seq) -> None:
+    def __init__(self, engine: Engine, req: _Request) -> None:
         self._engine = engine
-        self._seq = seq
+        self._req = req
         self._pending: list[GenerationChunk] = []
         self._ready = asyncio.Event()
         self._done = False
@@ -257,16 +234,15 @@ class GenerationStream:
     def cancel(self) -> None:
         """Stop generating (no-op once finished); the slot is free by the next step."""
         if not self._done:
-            self._engine.cancel(self._seq)
+            self._engine.cancel(self._req)
 
 
-class _Seq(Sequence):
-    """A sequence plus everything the engine tracks for its request."""
+class _Request:
+    """What the engine tracks for one request beside its scheduler ``Sequence``: delivery, timing, sampling."""
 
-    def __init__(self, request: GenerationRequest, engine: Engine) -> None:
-        prompt = request.prompt
-        super().__init__(tokens=list(prompt), prompt_len=len(prompt))
+    def __init__(self, request: GenerationRequest, seq: Sequence) -> None:
         self.request = request
+        self.seq = seq
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stream: GenerationStream | None = None
         self.internal = False  # the warm-up: no metrics, no delivery
@@ -274,28 +250,32 @@ class _Seq(Sequence):
         self.deadline = None if request.timeout is None else time.monotonic() + request.timeout
         self.time_limit = time.monotonic() + request.time_limit_ms / 1000 if request.time_limit_ms else None
         self.grammar: str | None = None  # the compiled constraint (engine.grammars)
-        self.stop_ids = frozenset(engine.stop_token_ids) | frozenset(request.stop_token_ids)
-        # Unset: only the context (or a stop token) ends it, and it ends with CONTEXT_LIMIT.
-        self.max_new_tokens = request.max_new_tokens or engine.max_seq_len
         self.want_prompt_logprobs = request.echo and (request.logprobs or request.top_logprobs > 0)
-        self.prompt_logprobs: list[float] = [0.0] if self.want_prompt_logprobs else []
-        self.prompt_top_logprobs: list[TokenAlternatives] = [[]] if self.want_prompt_logprobs else []
-        self.row: SamplingRow | None = None  # made on admission, on the engine's thread and device
-        self.fork_of: _Seq | None = None  # n > 1: the completion whose cached prompt this one copies
+        self.prompt_logprobs: list[float] = []
+        self.prompt_top_logprobs: list[TokenAlternatives] = []
+        self.reset_prompt_logprobs()
+        self.row: SamplingRow | None = None  # made on first admission, on the engine's thread and device
         self.last_token_time: float | None = None
         self.cancelled = False
         self.finished = False
+        self.siblings: list[_Request] = []  # completions of the same prompt, forked once its prompt is cached
 
-    def ready(self) -> bool:
-        parent = self.fork_of
-        return parent is None or parent.finished or (parent.slot >= 0 and not parent.prefilling)
+    def reset_prompt_logprobs(self) -> None:
+        self.prompt_logprobs = [0.0] if self.want_prompt_logprobs else []  # the first token has none
+        self.prompt_top_logprobs = [[]] if self.want_prompt_logprobs else []
+
+    @property
+    def echoing(self) -> bool:
+        """Prompt logprobs still to compute: asked for, and not yet sent with the first token."""
+        return self.want_prompt_logprobs and self.last_token_time is None
 
 
 class Engine:
-    """Continuous batching over ``max_batch_size`` cache slots of ``max_seq_len`` tokens each."""
+    """Continuous batching over a paged KV cache of ``num_blocks`` blocks of ``block_size`` tokens."""
 
     def __init__(self, runner: Runner, *, vocab_size: int, max_seq_len: int, max_batch_size: int,
                  max_queue: int = 64, prefill_chunk: int = 256, stop_token_ids: tuple[int, ...] = (),
+                 num_blocks: int | None = None, block_size: int = 16, prefix_cache: bool = True,
                  on_fatal: Callable[[BaseException], None] | None = None, grammars: object | None = None,
                  step_timeout: float | None = None, max_step_failures: int = 3) -> None:
         self.runner = runner
@@ -315,60 +295,118 @@ class Engine:
         self._busy_since: float | None = None  # monotonic start of the forward/heartbeat in progress
         self._forward_ok = False
         self._failed_steps = 0
-        self.scheduler = Scheduler(max_batch_size, prefill_chunk)
+        if num_blocks is None:  # as much as max_batch_size slots of max_seq_len tokens
+            num_blocks = max_batch_size * -(-max_seq_len // block_size)
+        self.block_size = block_size
+        self.prefix_cache = prefix_cache
+        self.scheduler = Scheduler(max_batch_size, prefill_chunk, num_blocks=num_blocks, block_size=block_size,
+                                   prefix_cache=prefix_cache, max_seq_len=max_seq_len)
+        self.kv_cache_tokens = self.scheduler.capacity_tokens
         self.metrics = engine_metrics()
+        self.metrics.blocks_total.set(num_blocks)
         self.steps = 0
         # Shared with the event loop's thread, under _cond: arrivals, live requests, state flags.
         self._cond = threading.Condition()
-        self._inbox: list[_Seq] = []
-        self._live: set[_Seq] = set()
-        self._num_running = 0
+        self._inbox: list[_Request] = []
+        self._live: set[_Request] = set()
+        self._load = Load(kv_blocks_total=num_blocks)
         self._closed = False
         self._stop = False
         self._failure: BaseException | None = None
-        self._outbox: list[tuple[_Seq, GenerationChunk]] = []  # engine thread only
+        self._requests: dict[Sequence, _Request] = {}  # engine thread only, from here on
+        self._outbox: list[tuple[_Request, GenerationChunk]] = []
         self._thread: threading.Thread | None = None
 
     # ---- the event loop's side -------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, fork_of: GenerationStream | None = None) -> GenerationStream:
-        """Queue a request; called on the event loop that will read the stream.
-
-        ``fork_of``: another completion of the same prompt (n > 1). This one waits until that one has
-        computed the prompt, then starts from a copy of its cache (all but the last prompt token,
-        which it runs itself to get logits of its own), instead of computing the prompt again.
-        """
+    def validate(self, request: GenerationRequest) -> None:
+        """The request's own rules, and whether it can ever fit the KV cache."""
         request.validate(self.vocab_size, self.max_seq_len)
-        seq = _Seq(request, self)
-        if fork_of is not None and getattr(self.runner, "copy_prefix", None) is not None:
-            seq.fork_of = fork_of._seq
-        if request.constraint is not None:
-            if self.grammars is None:
-                raise FailedPrecondition("constraint: this model service has no tokenizer files beside its "
-                                         "checkpoint, so it cannot enforce structured output")
-            seq.grammar = self.grammars.compile(request.constraint)  # type: ignore[attr-defined]
-        seq.loop = asyncio.get_running_loop()
-        seq.stream = GenerationStream(self, seq)
+        capacity = self.kv_cache_tokens
+        prompt_len = len(request.prompt)
+        if prompt_len >= capacity:
+            raise InvalidArgument("prompt_token_ids", f"the prompt has {prompt_len} tokens but the KV cache holds "
+                                  f"{capacity} (--kv-cache-tokens), so a prompt may have at most {capacity - 1}")
+        if request.max_new_tokens and prompt_len + request.max_new_tokens > capacity:
+            raise InvalidArgument("stopping.max_new_tokens", f"the prompt's {prompt_len} tokens + max_new_tokens "
+                                  f"{request.max_new_tokens} = {prompt_len + request.max_new_tokens} exceed the KV "
+                                  f"cache of {capacity} tokens (--kv-cache-tokens)")
+
+    def _new_request(self, request: GenerationRequest) -> _Request:
+        prompt = request.prompt  # after truncate_prompt_tokens
+        seq = Sequence(tokens=list(prompt), prompt_len=len(prompt),
+                       # Unset: only the context (or a stop token) ends it, and it ends with CONTEXT_LIMIT.
+                       max_new_tokens=request.max_new_tokens or self.max_seq_len,
+                       stop_ids=frozenset(self.stop_token_ids) | frozenset(request.stop_token_ids),
+                       use_prefix_cache=self._may_reuse_blocks(request))
+        return _Request(request, seq)
+
+    @staticmethod
+    def _may_reuse_blocks(request: GenerationRequest) -> bool:
+        """Whether a request may start from other requests' cached blocks.
+
+        Not when it wants prompt logprobs (every prompt position must be computed), nor when it
+        samples with a seed: a seed promises the same output for the same request, and keys/values
+        computed in other chunks differ in float rounding (~1e-7), enough to flip a sampled token.
+        Greedy output does not change (tested), so greedy and unseeded requests reuse blocks.
+        """
+        if request.echo and (request.logprobs or request.top_logprobs > 0):
+            return False
+        return request.sampling.greedy or request.sampling.seed is None
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Queue a request; called on the event loop that will read the stream."""
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[GenerationRequest]) -> list[GenerationStream]:
+        """Queue completions of one prompt (``n``): the first computes the prompt, and in the step that
+        completes it the others fork from it (``Scheduler.fork``: they share its prompt blocks).
+
+        Requests that may not reuse blocks (seeded samples, prompt logprobs) run side by side instead:
+        decode attention rounds differently with the batch's longest sequence, so only a group
+        whose members advance in lockstep gives the same seeded tokens every time.
+        """
+        reqs = [self._prepare(request) for request in requests]
+        if len({tuple(req.seq.tokens) for req in reqs}) > 1:
+            raise ValueError("submit_group() takes completions of one prompt")
+        first = reqs[0]
+        if first.seq.use_prefix_cache:
+            first.siblings, reqs_now = reqs[1:], [first]
+        else:  # all together, in lockstep (see _may_reuse_blocks): a seeded group stays reproducible
+            reqs_now = reqs
         with self._cond:
             if self._failure is not None:
                 raise Unavailable("the model engine failed and the service is restarting; retry shortly")
             if self._closed:
                 raise Unavailable("the model service is shutting down")
-            if len(self._live) >= self.max_batch_size + self.max_queue:
+            if len(self._live) + len(reqs) > self.max_batch_size + self.max_queue:
+                running = self._load.running_sequences
                 raise ResourceExhausted(
-                    f"{self._num_running} sequences are running and {len(self._live) - self._num_running} "
+                    f"{running} sequences are running and {len(self._live) - running} "
                     f"waiting, the most this server queues (--max-batch-size {self.max_batch_size} + "
                     f"--max-queue {self.max_queue}); retry later")
-            self._inbox.append(seq)
-            self._live.add(seq)
+            self._inbox += reqs_now
+            self._live.update(reqs)
             self._update_gauges()
             self._cond.notify()
-        return seq.stream
+        return [req.stream for req in reqs]
 
-    def cancel(self, seq: _Seq) -> None:
+    def _prepare(self, request: GenerationRequest) -> _Request:
+        self.validate(request)
+        req = self._new_request(request)
+        if request.constraint is not None:
+            if self.grammars is None:
+                raise FailedPrecondition("constraint: this model service has no tokenizer files beside its "
+                                         "checkpoint, so it cannot enforce structured output")
+            req.grammar = self.grammars.compile(request.constraint)  # type: ignore[attr-defined]
+        req.loop = asyncio.get_running_loop()
+        req.stream = GenerationStream(self, req)
+        return req
+
+    def cancel(self, req: _Request) -> None:
         with self._cond:
-            if not seq.finished and not seq.cancelled:
-                seq.cancelled = True
+            if not req.finished and not req.cancelled:
+                req.cancelled = True
                 self._cond.notify()
 
     def close(self) -> None:
@@ -378,8 +416,8 @@ class Engine:
 
     def cancel_all(self) -> None:
         with self._cond:
-            for seq in self._live:
-                seq.cancelled = True
+            for req in self._live:
+                req.cancelled = True
             self._cond.notify()
 
     @property
@@ -387,18 +425,26 @@ class Engine:
         with self._cond:
             return len(self._live)
 
+    def load(self) -> Load:
+        """Running and queued sequences and blocks in use, as of the last step (any thread)."""
+        with self._cond:
+            running = self._load.running_sequences
+            return Load(running, len(self._live) - running, self._load.kv_blocks_used, self._load.kv_blocks_total)
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def warm_up(self, prompt_len: int = 8) -> None:
         """One real generation (prefill, sampling, a decode step) before the thread starts serving."""
-        prompt_len = max(1, min(prompt_len, self.max_seq_len - 3))
+        prompt_len = max(1, min(prompt_len, self.max_seq_len - 3, self.kv_cache_tokens - 3))
         request = GenerationRequest(list(range(prompt_len)), SamplingParams(seed=0), max_new_tokens=2)
-        seq = _Seq(request, self)
-        seq.internal = True
+        req = self._new_request(request)
+        req.seq.use_prefix_cache = False  # leave nothing of it behind for real requests to hit
+        req.internal = True
         with self._cond:
-            self._live.add(seq)
-        self.scheduler.add(seq)
-        while not seq.finished:
+            self._live.add(req)
+        self._requests[req.seq] = req
+        self.scheduler.add(req.seq)
+        while not req.finished:
             self._step()
         self._outbox.clear()
 
@@ -450,9 +496,9 @@ class Engine:
         log.error("engine failed", error=repr(error), requests=len(victims))
         # The cause (e.g. a gloo socket error) is in the log; the caller learns what to do about it.
         message = Unavailable("the model engine failed and the service is restarting; retry shortly")
-        for seq in victims:
-            seq.finished = True
-            self._outbox_deliver([(seq, GenerationChunk(error=message))])
+        for req in victims:
+            req.finished = True
+            self._outbox_deliver([(req, GenerationChunk(error=message))])
         if self.on_fatal is not None:
             self.on_fatal(error)
 
@@ -483,16 +529,19 @@ class Engine:
             self.fail(exc)
             self.runner.abort()
             return
-        for seq in list(self._live):  # stop(): what still runs is cancelled
-            self._finish(seq, FinishReason.CANCELLED)
+        with self._cond:
+            remaining = list(self._live)
+        for req in remaining:  # stop(): what still runs (or waits to fork) is cancelled
+            if not req.finished:
+                self._finish(req, FinishReason.CANCELLED)
         self._flush()
         self.runner.close()
 
     def _step(self) -> None:
         self._intake()
-        for seq in self.scheduler.admit():
-            self._admit(seq)
-        work = self.scheduler.plan()
+        plan = self.scheduler.schedule()
+        self._after_schedule(plan)
+        work = plan.work
         self._refresh_gauges()
         if work:
             started = time.perf_counter()
@@ -509,57 +558,55 @@ class Engine:
         self._flush()
 
     def _intake(self) -> None:
-        """Take new arrivals; drop cancelled and expired sequences (their slots free this step)."""
+        """Take new arrivals; drop cancelled and expired requests (their blocks free this step)."""
         with self._cond:
             arrivals, self._inbox = self._inbox, []
-        for seq in arrivals:
-            self.scheduler.add(seq)
+        for req in arrivals:
+            self._requests[req.seq] = req
+            self.scheduler.add(req.seq)
         now = time.monotonic()
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if seq.cancelled:
-                self._finish(seq, FinishReason.CANCELLED)
-            elif seq.deadline is not None and now >= seq.deadline:
-                self._finish(seq, None, error=DeadlineExceeded(
-                    f"deadline passed after {len(seq.generated)} generated tokens"))
-            elif seq.time_limit is not None and now >= seq.time_limit:
-                self._finish(seq, FinishReason.TIME_LIMIT)
+        for req in list(self._requests.values()):
+            if req.cancelled:
+                self._finish(req, FinishReason.CANCELLED)
+            elif req.deadline is not None and now >= req.deadline:
+                self._finish(req, None, error=DeadlineExceeded(
+                    f"deadline passed after {len(req.seq.generated)} generated tokens"))
+            elif req.time_limit is not None and now >= req.time_limit:
+                self._finish(req, FinishReason.TIME_LIMIT)
 
-    def _admit(self, seq: _Seq) -> None:
-        params = seq.request.sampling
+    def _after_schedule(self, plan: StepPlan) -> None:
+        for seq in plan.preempted:
+            req = self._requests[seq]
+            if req.echoing:  # its prompt logprobs are recomputed on resumption
+                req.reset_prompt_logprobs()
+            if not req.internal:
+                self.metrics.preemptions.inc()
+                log.info("sequence preempted", request_id=req.request.request_id, tokens=len(seq.tokens),
+                         blocks_free=self.scheduler.pool.available)
+        for seq in plan.admitted:
+            req = self._requests[seq]
+            if req.row is None:  # first admission (not a resumption)
+                self._first_admission(req)
+
+    def _first_admission(self, req: _Request) -> None:
+        params = req.request.sampling
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            seen[torch.tensor(seq.tokens, device=self.device)] = True
+            seen[torch.tensor(req.seq.tokens, device=self.device)] = True
         generator = None if params.greedy else new_generator(params.seed)
-        row = seq.row = SamplingRow(params, generator, seen, seq.request.logprobs, seq.request.top_logprobs)
+        row = req.row = SamplingRow(params, generator, seen, req.request.logprobs, req.request.top_logprobs)
         if params.penalises_counts:
             row.counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=self.device)
-        if seq.request.min_new_tokens and seq.stop_ids:
-            row.stop_token_ids = torch.tensor(sorted(seq.stop_ids), dtype=torch.long, device=self.device)
-            row.min_new_tokens = seq.request.min_new_tokens
-        if seq.grammar is not None:
+        if req.request.min_new_tokens and req.seq.stop_ids:
+            row.stop_token_ids = torch.tensor(sorted(req.seq.stop_ids), dtype=torch.long, device=self.device)
+            row.min_new_tokens = req.request.min_new_tokens
+        if req.grammar is not None:
             row.grammars = self.grammars
-            row.matcher = self.grammars.matcher(seq.grammar)  # type: ignore[attr-defined]
-        parent = seq.fork_of
-        seq.fork_of = None  # no longer needed: do not keep a finished parent alive
-        shared = seq.prompt_len - 1
-        if parent is not None and shared > 0 and parent.slot >= 0 and parent.num_cached >= shared \
-                and parent.tokens[:shared] == seq.tokens[:shared]:
-            self.runner.copy_prefix(parent.slot, seq.slot, shared)  # type: ignore[attr-defined]
-            seq.num_cached = shared
-        if not seq.internal:
-            self.metrics.prompt_tokens.inc(seq.prompt_len - seq.num_cached)
-
-    def _batch(self, work: list[Work]) -> object:
-        from .model import Batch  # the model core; imported here so scheduling code loads without it
-
-        tokens = [token for item in work for token in item.token_ids]
-        return Batch(
-            tokens=torch.tensor(tokens, dtype=torch.long, device=self.device),
-            slots=[item.seq.slot for item in work],
-            start_pos=[item.start for item in work],
-            lengths=[item.length for item in work],
-        )
+            row.matcher = self.grammars.matcher(req.grammar)  # type: ignore[attr-defined]
+        if not req.internal:
+            self.metrics.prompt_tokens.inc(req.seq.prompt_len)
+            self.metrics.prefix_hit_tokens.inc(req.seq.cached_prompt_tokens)
 
     def _execute(self, work: list[Work]) -> None:
         """One forward over ``work``, then its tokens. A failure stays with the sequence that caused it.
@@ -570,9 +617,10 @@ class Engine:
         Everything after the forward (echo logprobs, sampling) runs on this rank only and is
         confined per sequence.
         """
-        echoing = [item.seq.want_prompt_logprobs and item.seq.prefilling for item in work]
+        reqs = [self._requests[item.seq] for item in work]
+        echoing = [req.echoing and item.start < item.seq.prompt_len for req, item in zip(reqs, work, strict=True)]
         try:
-            logits = self.runner.forward(self._batch(work), any(echoing))  # [n_seqs or n_tokens, vocab]
+            logits = self.runner.forward(work, any(echoing))  # [n_seqs or n_tokens, vocab]
         except Exception as exc:
             if self.runner.fatal_errors:
                 raise
@@ -582,139 +630,160 @@ class Engine:
                 for item in work:
                     self._execute([item])
                 return
-            log.exception("engine step failed for one sequence", request_id=work[0].seq.request.request_id)
-            self._finish(work[0].seq, None, error=ServiceError("the model failed on this request; "
-                                                               "details are in the model service log"))
+            log.exception("engine step failed for one sequence", request_id=reqs[0].request.request_id)
+            self._finish(reqs[0], None, error=ServiceError("the model failed on this request; "
+                                                           "details are in the model service log"))
             return
         self._forward_ok = True
         if any(echoing):
             rows, offset = [], 0
-            for item, echo in zip(work, echoing, strict=True):
+            for item, req, echo in zip(work, reqs, echoing, strict=True):
                 if echo:
-                    self._guarded(item.seq, self._prompt_logprobs, item, logits[offset:offset + item.length])
+                    self._guarded(req, self._prompt_logprobs, item, req, logits[offset:offset + item.length])
                 offset += item.length
                 rows.append(offset - 1)
             logits = logits[torch.tensor(rows, device=logits.device)]  # [n_seqs, vocab]
-        Scheduler.advance(work)
-        completing = [(i, item.seq) for i, item in enumerate(work) if item.completes and not item.seq.finished]
+        self.scheduler.advance(work)
+        for req in reqs:
+            if req.siblings and req.seq.prefilled and not req.finished:
+                self._release_siblings(req, fork=True)
+        completing = [(i, req) for i, (item, req) in enumerate(zip(work, reqs, strict=True))
+                      if item.completes and not req.finished]
         if not completing:
             return
         rows = torch.tensor([i for i, _ in completing], device=logits.device)
-        sampled = sample(logits[rows], [seq.row for _, seq in completing])
+        sampled = sample(logits[rows], [req.row for _, req in completing])
         now = time.perf_counter()
-        for (_, seq), choice in zip(completing, sampled, strict=True):
+        for (_, req), choice in zip(completing, sampled, strict=True):
             if choice.error is not None:
-                log.error("sequence failed", request_id=seq.request.request_id, error=choice.error)
-                self._finish(seq, None, error=ServiceError(choice.error))
+                log.error("sequence failed", request_id=req.request.request_id, error=choice.error)
+                self._finish(req, None, error=ServiceError(choice.error))
             else:
-                self._guarded(seq, self._accept, seq, choice.token_id, choice.logprob, choice.top_logprobs, now)
+                self._guarded(req, self._accept, req, choice.token_id, choice.logprob, choice.top_logprobs, now)
 
-    def _guarded(self, seq: _Seq, fn: Callable[..., None], *args: object) -> None:
+    def _guarded(self, req: _Request, fn: Callable[..., None], *args: object) -> None:
         """Run ``fn`` for one sequence; if it raises, that sequence alone ends with an error."""
         try:
             fn(*args)
         except Exception:
-            log.exception("sequence failed", request_id=seq.request.request_id)
-            if not seq.finished:
-                self._finish(seq, None, error=ServiceError("generation failed for this request; "
+            log.exception("sequence failed", request_id=req.request.request_id)
+            if not req.finished:
+                self._finish(req, None, error=ServiceError("generation failed for this request; "
                                                            "details are in the model service log"))
 
-    def _prompt_logprobs(self, item: Work, logits: torch.Tensor) -> None:
+    def _prompt_logprobs(self, item: Work, req: _Request, logits: torch.Tensor) -> None:
         """logits: [length, vocab] for positions start.. of a prompt chunk, each predicting the next token."""
         seq = item.seq
         count = min(item.length, seq.prompt_len - 1 - item.start)  # the last position predicts the output
         if count <= 0:
             return
         targets = torch.tensor(seq.tokens[item.start + 1:item.start + 1 + count], device=logits.device)
-        chosen, alternatives = token_logprobs(logits[:count], targets, seq.request.top_logprobs)
-        seq.prompt_logprobs += chosen
-        seq.prompt_top_logprobs += alternatives
+        chosen, alternatives = token_logprobs(logits[:count], targets, req.request.top_logprobs)
+        req.prompt_logprobs += chosen
+        req.prompt_top_logprobs += alternatives
 
-    def _accept(self, seq: _Seq, token_id: int, logprob: float | None, alternatives: TokenAlternatives,
+    def _accept(self, req: _Request, token_id: int, logprob: float | None, alternatives: TokenAlternatives,
                 now: float) -> None:
-        """A sampled token: return it or stop on it, and decide whether the sequence is finished."""
-        if not seq.internal:
-            if seq.last_token_time is None:
-                self.metrics.time_to_first_token.observe(now - seq.arrival)
+        """A sampled token: the scheduler keeps it or stops on it; the reader hears either."""
+        seq = req.seq
+        if not req.internal:
+            if req.last_token_time is None:
+                self.metrics.time_to_first_token.observe(now - req.arrival)
             else:
-                self.metrics.inter_token_latency.observe(now - seq.last_token_time)
+                self.metrics.inter_token_latency.observe(now - req.last_token_time)
         chunk = GenerationChunk()
-        if seq.last_token_time is None and seq.want_prompt_logprobs:
-            chunk.prompt_logprobs = seq.prompt_logprobs
-            chunk.prompt_top_logprobs = seq.prompt_top_logprobs if seq.request.top_logprobs else []
-        seq.last_token_time = now
-        if token_id in seq.stop_ids:
-            self._finish(seq, FinishReason.STOP_TOKEN, chunk)
-            return
-        seq.tokens.append(token_id)
-        seq.generated.append(token_id)
-        if seq.row is not None:
-            seq.row.observe(token_id)
-        chunk.token_ids.append(token_id)
-        if seq.request.logprobs:
-            chunk.logprobs.append(logprob if logprob is not None else 0.0)
-        if seq.request.top_logprobs:
-            chunk.top_logprobs.append(alternatives)
-        if not seq.internal:
-            self.metrics.generated_tokens.inc()
-        if len(seq.generated) >= seq.max_new_tokens:
-            self._finish(seq, FinishReason.LENGTH, chunk)
-        elif len(seq.tokens) >= self.max_seq_len:
-            self._finish(seq, FinishReason.CONTEXT_LIMIT, chunk)
+        if req.echoing:
+            chunk.prompt_logprobs = req.prompt_logprobs
+            chunk.prompt_top_logprobs = req.prompt_top_logprobs if req.request.top_logprobs else []
+        req.last_token_time = now
+        reason = self.scheduler.append_token(seq, token_id)
+        if reason is not FinishReason.STOP_TOKEN:
+            if req.row is not None:
+                req.row.observe(token_id)
+            chunk.token_ids.append(token_id)
+            if req.request.logprobs:
+                chunk.logprobs.append(logprob if logprob is not None else 0.0)
+            if req.request.top_logprobs:
+                chunk.top_logprobs.append(alternatives)
+            if not req.internal:
+                self.metrics.generated_tokens.inc()
+        if reason is not None:
+            self._finish(req, reason, chunk)
         else:
             chunk.generated_tokens = len(seq.generated)
-            self._outbox.append((seq, chunk))
+            self._outbox.append((req, chunk))
 
-    def _finish(self, seq: _Seq, reason: FinishReason | None, chunk: GenerationChunk | None = None,
+    def _finish(self, req: _Request, reason: FinishReason | None, chunk: GenerationChunk | None = None,
                 error: Exception | None = None) -> None:
-        """Take ``seq`` out of the batch (its slot is free for the next step) and tell its reader."""
-        self.scheduler.remove(seq)
+        """Take the request out of the batch (its blocks are free for the next step) and tell its reader."""
+        seq = req.seq
+        self.scheduler.finish(seq, reason)
+        self._requests.pop(seq, None)
+        if req.siblings:  # it ended before its prompt was cached: they compute it themselves
+            self._release_siblings(req, fork=False)
         chunk = chunk or GenerationChunk()
         chunk.finish_reason = reason
         chunk.error = error
         chunk.prompt_tokens = seq.prompt_len
+        chunk.cached_prompt_tokens = seq.cached_prompt_tokens
         chunk.generated_tokens = len(seq.generated)
         with self._cond:
-            seq.finished = True
-            self._live.discard(seq)
-            self._num_running = len(self.scheduler.running)
+            req.finished = True
+            self._live.discard(req)
+            self._snapshot_load()
             self._update_gauges()  # before the counter and the log line below: they never run ahead of it
-        if seq.internal:
+        if req.internal:
             return
         outcome = reason.value if reason is not None else type(error).__name__
         self.metrics.finished.labels(outcome).inc()
-        log.info("generation finished", request_id=seq.request.request_id, finish_reason=outcome,
-                 prompt_tokens=seq.prompt_len, generated_tokens=len(seq.generated),
-                 seconds=round(time.perf_counter() - seq.arrival, 4))
-        self._outbox.append((seq, chunk))
+        log.info("generation finished", request_id=req.request.request_id, finish_reason=outcome,
+                 prompt_tokens=seq.prompt_len, cached_prompt_tokens=seq.cached_prompt_tokens,
+                 generated_tokens=len(seq.generated), preemptions=seq.num_preemptions,
+                 seconds=round(time.perf_counter() - req.arrival, 4))
+        self._outbox.append((req, chunk))
+
+    def _release_siblings(self, req: _Request, fork: bool) -> None:
+        for sibling in req.siblings:
+            self._requests[sibling.seq] = sibling
+            if fork:
+                self.scheduler.fork(req.seq, sibling.seq)
+            else:
+                self.scheduler.add(sibling.seq)
+        req.siblings = []
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         self._outbox_deliver(outbox)
 
     @staticmethod
-    def _outbox_deliver(items: list[tuple[_Seq, GenerationChunk]]) -> None:
+    def _outbox_deliver(items: list[tuple[_Request, GenerationChunk]]) -> None:
         """Hand chunks to their event loops: one callback per loop per step, not one per token."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationChunk]]] = {}
-        for seq, chunk in items:
-            if seq.loop is not None and seq.stream is not None:
-                by_loop.setdefault(seq.loop, []).append((seq.stream, chunk))
+        for req, chunk in items:
+            if req.loop is not None and req.stream is not None:
+                by_loop.setdefault(req.loop, []).append((req.stream, chunk))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the loop is closed: nobody is reading any more
                 pass
 
+    def _snapshot_load(self) -> None:  # under _cond, on the engine thread
+        scheduler = self.scheduler
+        self._load = Load(scheduler.num_running, scheduler.num_waiting, scheduler.pool.used, scheduler.num_blocks)
+
     def _refresh_gauges(self) -> None:
         with self._cond:
-            self._num_running = len(self.scheduler.running)
+            self._snapshot_load()
             self._update_gauges()
-        self.metrics.cached_tokens.set(sum(seq.num_cached for seq in self.scheduler.running))
+        self.metrics.cached_tokens.set(self.scheduler.num_cached_tokens)
 
     def _update_gauges(self) -> None:  # under _cond
-        self.metrics.running.set(self._num_running)
-        self.metrics.slots_used.set(self._num_running)
-        self.metrics.queued.set(len(self._live) - self._num_running)
+        running = self._load.running_sequences
+        self.metrics.running.set(running)
+        self.metrics.slots_used.set(running)
+        self.metrics.queued.set(len(self._live) - running)
+        self.metrics.blocks_used.set(self._load.kv_blocks_used)
 
 
 def _deliver(batch: list[tuple[GenerationStream, GenerationChunk]]) -> None:

@@ -1,10 +1,13 @@
 """The Llama 3 Transformer (Meta's llama3 ``model.py`` architecture) with a KV cache built for serving.
 
 Differences from the reference, all for continuous batching:
-- the cache is a module with one slot per sequence, allocated by ``setup_caches`` on a chosen device;
+- the cache is paged: every layer holds a pool of fixed-size blocks (``setup_caches``, on a chosen
+  device), and a sequence's keys/values live in the blocks its *block table* lists, so sequences
+  take cache in proportion to their length and can share blocks of a common prefix;
 - a forward pass takes a ``Batch``: tokens of several sequences concatenated, each sequence with its
-  own cache slot and start position, so a prompt chunk of one sequence can run beside single decode
-  tokens of others.
+  own block table and start position, so a prompt chunk of one sequence can run beside single
+  decode tokens of others. Attention reads the blocks in place: SDPA over the sequence's blocks
+  (a view when they are consecutive, a gather otherwise).
 """
 
 from __future__ import annotations
@@ -72,10 +75,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+    """One layer's share of the paged cache: ``num_blocks`` blocks of ``block_size`` positions."""
+
+    def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
         # Zeros, not empty: positions past a sequence's end are masked, but NaN garbage would still
         # poison the weighted sum (0 * NaN = NaN).
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -84,10 +89,17 @@ class KVCache(nn.Module):
 
 @dataclass
 class Batch:
-    """New tokens of several sequences for one forward pass."""
+    """New tokens of several sequences for one forward pass, and where each sequence's cache lives.
+
+    A block table lists a sequence's cache blocks in order (block i holds positions
+    [i * block_size, (i + 1) * block_size)) and must cover every position up to its last new token.
+    An int instead of a table names a *slot*: the slot-th run of ``max_seq_len / block_size``
+    consecutive blocks (the slot cache as a special case; for tools and tests that drive the model
+    directly, with a pool of at least ``max_batch_size`` slots).
+    """
 
     tokens: torch.Tensor  # [n_tokens] int64, every sequence's new tokens concatenated in order
-    slots: list[int]  # cache slot of each sequence
+    block_tables: list[list[int]] | list[int]  # per sequence: its blocks, or a slot number
     start_pos: list[int]  # cache position of each sequence's first new token
     lengths: list[int]  # new tokens per sequence; sum(lengths) == n_tokens
 
@@ -96,59 +108,75 @@ class Batch:
 class _Plan:
     """Index tensors derived once per forward from a Batch and shared by every layer."""
 
-    positions: torch.Tensor  # [n_tokens] cache position of every token
-    token_slots: torch.Tensor  # [n_tokens] cache slot of every token
+    positions: torch.Tensor  # [n_tokens] position of every token in its sequence
+    cache_rows: torch.Tensor  # [n_tokens] row of every token's K/V in the flattened pool
     last_rows: torch.Tensor  # [n_seqs] index of each sequence's last token
-    # Single-token (decode) sequences, attended in one SDPA call over their slots' cache prefixes.
+    # Single-token (decode) sequences, attended in one SDPA call over their gathered blocks.
     decode_rows: torch.Tensor | None  # [n_decode] token indices
-    decode_slots: torch.Tensor | slice | None  # [n_decode] slots, or a slice when they are consecutive
+    decode_blocks: torch.Tensor | slice | None  # [n_decode, n_blocks] tables, or a slice: one sequence, consecutive
     decode_len: int  # longest cache prefix among them
     decode_mask: torch.Tensor | None  # [n_decode, 1, 1, decode_len] bool, True = may attend
-    # Multi-token (prompt) chunks, one SDPA call each: (first token, length, slot, start_pos, mask).
-    chunks: list[tuple[int, int, int, int, torch.Tensor | None]]
+    # Multi-token (prompt) chunks, one SDPA call each: (first token, length, blocks, end, mask).
+    chunks: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]]
 
 
-def _make_plan(batch: Batch, max_seq_len: int, device: torch.device) -> _Plan:
+def _blocks_index(table: list[int], device: torch.device) -> torch.Tensor | slice:
+    """A view (slice) when the blocks are consecutive, else an index for a gather."""
+    if table == list(range(table[0], table[0] + len(table))):
+        return slice(table[0], table[0] + len(table))
+    return torch.tensor(table, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int, device: torch.device) -> _Plan:
     n_seqs = len(batch.lengths)
-    if not (len(batch.slots) == len(batch.start_pos) == n_seqs) or n_seqs == 0:
-        raise ValueError("Batch needs one slot, start_pos and length per sequence, and at least one sequence")
+    if not (len(batch.block_tables) == len(batch.start_pos) == n_seqs) or n_seqs == 0:
+        raise ValueError("Batch needs one block table, start_pos and length per sequence, and at least one sequence")
     if sum(batch.lengths) != batch.tokens.numel():
         raise ValueError(f"Batch lengths sum to {sum(batch.lengths)} but it has {batch.tokens.numel()} tokens")
-    for slot, start, length in zip(batch.slots, batch.start_pos, batch.lengths, strict=True):
-        if length < 1 or start < 0 or start + length > max_seq_len:
-            raise ValueError(f"sequence in slot {slot}: positions [{start}, {start + length}) "
-                             f"do not fit the cache of {max_seq_len} positions")
-    last_rows, positions, token_slots = [], [], []
-    decode_rows, decode_slots, decode_pos, chunks = [], [], [], []
+    per_slot = -(-max_seq_len // block_size)
+    tables = [list(range(t * per_slot, (t + 1) * per_slot)) if isinstance(t, int) else t for t in batch.block_tables]
+    for table, start, length in zip(tables, batch.start_pos, batch.lengths, strict=True):
+        end = start + length
+        if length < 1 or start < 0 or end > max_seq_len or end > len(table) * block_size:
+            raise ValueError(f"positions [{start}, {end}) do not fit a context of {max_seq_len} positions "
+                             f"and a table of {len(table)} blocks of {block_size}")
+        if any(not 0 <= block < num_blocks for block in table):
+            raise ValueError(f"a block table names blocks outside the pool of {num_blocks}")
+    last_rows, positions, cache_rows = [], [], []
+    decode_rows, decode_tables, decode_pos, chunks = [], [], [], []
     first = 0
-    for slot, start, length in zip(batch.slots, batch.start_pos, batch.lengths, strict=True):
+    for table, start, length in zip(tables, batch.start_pos, batch.lengths, strict=True):
         last_rows.append(first + length - 1)
         positions.extend(range(start, start + length))
-        token_slots.extend([slot] * length)
+        cache_rows.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + length))
+        end = start + length
+        used = table[: -(-end // block_size)]
         if length == 1:
             decode_rows.append(first)
-            decode_slots.append(slot)
+            decode_tables.append(used)
             decode_pos.append(start)
         else:
             mask = None
             if start > 0:  # query i (at start + i) sees keys [0, start + i]
-                keys = torch.arange(start + length, device=device)
-                queries = torch.arange(start, start + length, device=device)
-                mask = keys[None, :] <= queries[:, None]  # [length, start + length]
-            chunks.append((first, length, slot, start, mask))
+                keys = torch.arange(end, device=device)
+                queries = torch.arange(start, end, device=device)
+                mask = keys[None, :] <= queries[:, None]  # [length, end]
+            chunks.append((first, length, _blocks_index(used, device), end, mask))
         first += length
 
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-    plan = _Plan(tensor(positions), tensor(token_slots), tensor(last_rows),
-                 None, None, 0, None, chunks)
+    plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), None, None, 0, None, chunks)
     if decode_rows:
         plan.decode_rows = tensor(decode_rows)
         plan.decode_len = max(decode_pos) + 1
-        consecutive = decode_slots == list(range(decode_slots[0], decode_slots[0] + len(decode_slots)))
-        # Consecutive slots are a view of the cache; others need a gather (a copy).
-        plan.decode_slots = slice(decode_slots[0], decode_slots[-1] + 1) if consecutive else tensor(decode_slots)
+        if len(decode_tables) == 1:
+            plan.decode_blocks = _blocks_index(decode_tables[0], device)
+        else:
+            width = max(len(table) for table in decode_tables)
+            # Short tables are padded with block 0: its positions lie past the sequence's end, masked.
+            plan.decode_blocks = tensor([table + [0] * (width - len(table)) for table in decode_tables])
         keys = torch.arange(plan.decode_len, device=device)
         plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
     return plan
@@ -181,25 +209,29 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
 
         assert self.cache is not None, "call setup_caches() before forward()"
-        cache_k, cache_v = self.cache.k, self.cache.v  # [slots, max_seq_len, n_local_kv_heads, head_dim]
-        cache_k[plan.token_slots, plan.positions] = xk
-        cache_v[plan.token_slots, plan.positions] = xv
+        cache_k, cache_v = self.cache.k, self.cache.v  # [num_blocks, block_size, n_local_kv_heads, head_dim]
+        kv_shape = (-1, self.n_local_kv_heads, self.head_dim)
+        cache_k.view(kv_shape)[plan.cache_rows] = xk
+        cache_v.view(kv_shape)[plan.cache_rows] = xv
 
         out = torch.empty_like(xq)  # [n_tokens, n_local_heads, head_dim]
         if plan.decode_rows is not None:
-            keys = cache_k[plan.decode_slots, : plan.decode_len]  # [n_decode, decode_len, kv_heads, head_dim]
-            values = cache_v[plan.decode_slots, : plan.decode_len]
             n_decode = plan.decode_rows.numel()
+            # [n_decode, decode_len, kv_heads, head_dim]: a view for one sequence in consecutive blocks,
+            # else the sequences' blocks gathered.
+            keys = cache_k[plan.decode_blocks].view(n_decode, -1, *kv_shape[1:])[:, : plan.decode_len]
+            values = cache_v[plan.decode_blocks].view(n_decode, -1, *kv_shape[1:])[:, : plan.decode_len]
             # GQA without repeat_kv's copy: the n_rep query heads that share a KV head become that
             # head's "query positions", so each cached K/V is read once (decode is memory-bound).
             q = xq[plan.decode_rows].view(n_decode, self.n_local_kv_heads, self.n_rep, self.head_dim)
             attn = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
                                                   attn_mask=plan.decode_mask)
             out[plan.decode_rows] = attn.reshape(n_decode, self.n_local_heads, self.head_dim)
-        for first, length, slot, start, mask in plan.chunks:
-            end = start + length
-            keys = repeat_kv(cache_k[slot: slot + 1, :end], self.n_rep).transpose(1, 2)  # [1, heads, end, hd]
-            values = repeat_kv(cache_v[slot: slot + 1, :end], self.n_rep).transpose(1, 2)
+        for first, length, blocks, end, mask in plan.chunks:
+            chunk_k = cache_k[blocks].view(1, -1, *kv_shape[1:])[:, :end]  # [1, end, kv_heads, head_dim]
+            chunk_v = cache_v[blocks].view(1, -1, *kv_shape[1:])[:, :end]
+            keys = repeat_kv(chunk_k, self.n_rep).transpose(1, 2)  # [1, heads, end, head_dim]
+            values = repeat_kv(chunk_v, self.n_rep).transpose(1, 2)
             q = xq[first: first + length].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
             out[first: first + length] = attn[0].transpose(0, 1)
@@ -245,29 +277,35 @@ class Transformer(nn.Module):
         if params.tie_word_embeddings:
             # Both are split along the vocabulary the same way, so each rank's shards coincide too.
             self.output.weight = self.tok_embeddings.weight
-        self.max_batch_size = 0
         self.max_seq_len = 0
+        self.num_blocks = 0
+        self.block_size = 0
         self.register_buffer("freqs_cis", None, persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                     device: torch.device | str) -> None:
-        """Allocate a KV cache of max_batch_size slots x max_seq_len positions per layer, and the RoPE table."""
-        if max_batch_size < 1 or max_seq_len < 1:
-            raise ValueError(f"max_batch_size={max_batch_size} and max_seq_len={max_seq_len} must be positive")
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+                     device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
+        """Allocate the paged KV cache of every layer, and the RoPE table for ``max_seq_len`` positions.
+
+        ``num_blocks`` blocks of ``block_size`` tokens (default: enough for ``max_batch_size`` slots
+        of ``max_seq_len`` tokens each).
+        """
+        if max_batch_size < 1 or max_seq_len < 1 or block_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}, max_seq_len={max_seq_len} and "
+                             f"block_size={block_size} must be positive")
+        if num_blocks is None:
+            num_blocks = max_batch_size * -(-max_seq_len // block_size)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be positive")
+        self.max_seq_len, self.num_blocks, self.block_size = max_seq_len, num_blocks, block_size
         for layer in self.layers:
             attn = layer.attention
-            attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim, dtype, device)
+            attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(self.params, max_seq_len, device)
 
-    @torch.inference_mode()
-    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
-        """Keys/values of positions [0, length) from one cache slot to another (n completions of a
-        prompt fork from the slot that computed it)."""
-        for layer in self.layers:
-            cache = layer.attention.cache
-            cache.k[dst_slot, :length] = cache.k[src_slot, :length]
-            cache.v[dst_slot, :length] = cache.v[src_slot, :length]
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Cache bytes one token takes on this rank (keys and values of every layer)."""
+        attn = self.layers[0].attention
+        return 2 * self.n_layers * attn.n_local_kv_heads * attn.head_dim * dtype.itemsize
 
     @property
     def device(self) -> torch.device:
@@ -279,7 +317,7 @@ class Transformer(nn.Module):
         if self.freqs_cis is None:
             raise RuntimeError("call setup_caches() before forward()")
         device = self.freqs_cis.device
-        plan = _make_plan(batch, self.max_seq_len, device)
+        plan = _make_plan(batch, self.block_size, self.num_blocks, self.max_seq_len, device)
         tokens = batch.tokens.to(device, non_blocking=True)
         h = self.tok_embeddings(tokens)  # [n_tokens, dim]
         freqs_cis = self.freqs_cis[plan.positions]  # [n_tokens, head_dim // 2]

@@ -36,6 +36,7 @@ from .engine import (
     GenerationChunk,
     GenerationRequest,
     GenerationStream,
+    Load,
     LocalRunner,
     TokenAlternatives,
 )
@@ -87,6 +88,13 @@ class ModelServiceConfig:
     max_new_tokens_limit: int  # 0: the context is the only limit
     step_timeout: float
     max_step_failures: int
+    kv_cache_tokens: int  # 0: sized from the memory budget
+    kv_block_size: int
+    no_prefix_cache: bool
+
+    @property
+    def prefix_cache(self) -> bool:
+        return not self.no_prefix_cache
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelServiceConfig:
@@ -108,11 +116,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "and int8 embeddings; none: the checkpoint's weights in --dtype (default: a GGUF file "
                          "in its own quantisation where a kernel holds it, Q4_0/Q4_1 int4 and Q8_0 int8; "
                          "Meta / Hugging Face checkpoints as they are)")
-    parser.add_flag("--max-batch-size", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    parser.add_flag("--max-batch-size", type=int, default=16, help="sequences decoded together (the running batch)")
     parser.add_flag("--max-seq-len", type=int, default=2048,
-                    help="tokens per slot (prompt + output), capped at the model's context; 0: the model's context")
+                    help="tokens per sequence (prompt + output), capped at the model's context; 0: the model's context")
     parser.add_flag("--max-queue", type=int, default=64,
-                    help="requests that may wait for a slot; beyond it RESOURCE_EXHAUSTED")
+                    help="requests that may wait for the batch; beyond it RESOURCE_EXHAUSTED")
+    parser.add_flag("--kv-cache-tokens", type=int, default=0,
+                    help="capacity of the paged KV cache in tokens, shared by all sequences (0: what the memory "
+                         "budget allows: 256 MiB on cpu, half the free memory on cuda)")
+    parser.add_flag("--kv-block-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_flag("--no-prefix-cache", action="store_true",
+                    help="do not reuse cached blocks of earlier prompts and outputs")
     parser.add_flag("--prefill-chunk", type=int, default=256,
                     help="prompt tokens per engine step: bounds how long a long prompt delays running streams")
     parser.add_flag("--seed", type=int, default=1, help="seed for anything random at load time")
@@ -127,11 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "model or device unusable: health goes NOT_SERVING and it exits 1")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    for flag in ("tp", "max_batch_size", "prefill_chunk"):
+    for flag in ("tp", "max_batch_size", "prefill_chunk", "kv_block_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_seq_len < 0 or args.max_new_tokens_limit < 0 or args.step_timeout < 0:
         parser.error("--max-queue, --max-seq-len, --max-new-tokens-limit and --step-timeout must be >= 0")
+    if args.kv_cache_tokens < 0:
+        parser.error("--kv-cache-tokens must be >= 0 (0: sized from the memory budget)")
     if args.max_step_failures < 1:
         parser.error("--max-step-failures must be >= 1")
     return args
@@ -187,6 +203,11 @@ def _top_logprobs(alternatives: list[TokenAlternatives]) -> list[common_pb2.TopL
             for position in alternatives]
 
 
+def load_to_proto(load: Load) -> model_pb2.Load:
+    return model_pb2.Load(running_sequences=load.running_sequences, queued_requests=load.queued_requests,
+                          kv_blocks_used=load.kv_blocks_used, kv_blocks_total=load.kv_blocks_total)
+
+
 def response_from_chunk(chunk: GenerationChunk, index: int = 0) -> model_pb2.GenerateResponse:
     response = model_pb2.GenerateResponse(
         index=index,
@@ -200,6 +221,14 @@ def response_from_chunk(chunk: GenerationChunk, index: int = 0) -> model_pb2.Gen
         response.finish_reason = FINISH_REASONS[chunk.finish_reason]
         response.usage.prompt_tokens = chunk.prompt_tokens
         response.usage.generated_tokens = chunk.generated_tokens
+        response.usage.cached_prompt_tokens = chunk.cached_prompt_tokens
+    return response
+
+
+def with_load(response: model_pb2.GenerateResponse, chunk: GenerationChunk, engine: Engine) -> model_pb2.GenerateResponse:
+    """The last message of a generation also tells the replica's load (for a router)."""
+    if chunk.finish_reason is not None:
+        response.load.CopyFrom(load_to_proto(engine.load()))
     return response
 
 
@@ -253,7 +282,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             stream = engine.submit(generation)
             try:
                 async for chunk in stream:
-                    yield response_from_chunk(chunk)
+                    yield with_load(response_from_chunk(chunk), chunk, engine)
             finally:  # finished, failed, or the caller went away (cancel, deadline, disconnect)
                 stream.cancel()
             return
@@ -264,8 +293,11 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def _generate_n(engine: Engine, request: GenerationRequest,
                           n: int) -> AsyncIterator[model_pb2.GenerateResponse]:
         """n completions as n sequences of the batch, interleaved as their chunks come; completion i
-        seeded with completion_seed(seed, i); completions 1.. start from a copy of completion 0's
-        cached prompt. Any failure or a cancelled call ends all of them."""
+        seeded with completion_seed(seed, i). Any failure or a cancelled call ends all of them.
+
+        They are submitted as a group: completion 0 computes the prompt and the others fork from it
+        in the step that completes it (sharing its KV-cache blocks instead of computing them again).
+        """
         streams: list[GenerationStream] = []
         readers: list[asyncio.Future] = []
         queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
@@ -280,11 +312,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 await queue.put((index, None))
 
         try:
-            for index in range(n):
-                sampling = replace(request.sampling, seed=completion_seed(request.sampling.seed, index))
-                # Completions 1.. fork from completion 0's cached prompt: the prompt is computed once.
-                fork_of = streams[0] if streams else None
-                streams.append(engine.submit(replace(request, sampling=sampling), fork_of=fork_of))
+            streams += engine.submit_group([
+                replace(request, sampling=replace(request.sampling, seed=completion_seed(request.sampling.seed, i)))
+                for i in range(n)])
             readers += [asyncio.ensure_future(read(index, stream)) for index, stream in enumerate(streams)]
             running = n
             while running:
@@ -294,7 +324,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    yield response_from_chunk(item, index)
+                    yield with_load(response_from_chunk(item, index), item, engine)
         finally:
             for stream in streams:
                 stream.cancel()
@@ -330,7 +360,14 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                 max_logit_bias=MAX_LOGIT_BIAS,
                 grammar_engine=GRAMMAR_ENGINE if engine.grammars is not None else "",
             ),
+            kv_cache_tokens=engine.kv_cache_tokens,
+            kv_block_size=engine.block_size,
+            prefix_cache=engine.prefix_cache,
         )
+
+    async def GetLoad(self, request: model_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> model_pb2.GetLoadResponse:
+        return model_pb2.GetLoadResponse(load=load_to_proto(self._ready().load()))
 
     def _ready(self) -> Engine:
         if self.engine is None:
@@ -349,7 +386,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         config = self.config
         options = LoadOptions(checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
                               max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len or None,
-                              seed=config.seed, quantize=config.quantize)
+                              seed=config.seed, quantize=config.quantize, kv_cache_tokens=config.kv_cache_tokens,
+                              kv_block_size=config.kv_block_size)
         log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
                  device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
         if config.tp > 1:
@@ -362,15 +400,23 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         engine = Engine(self.runner, vocab_size=info.vocab_size, max_seq_len=info.max_seq_len,
                         max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                         prefill_chunk=config.prefill_chunk, stop_token_ids=tuple(info.stop_token_ids),
-                        on_fatal=self._on_engine_failure,
+                        num_blocks=info.kv_num_blocks, block_size=info.kv_block_size,
+                        prefix_cache=config.prefix_cache, on_fatal=self._on_engine_failure,
                         grammars=load_grammars(config.checkpoint, info.vocab_size, list(info.stop_token_ids)),
                         step_timeout=config.step_timeout or None, max_step_failures=config.max_step_failures)
         engine.warm_up()
         log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=config.max_batch_size, tp=config.tp,
+                 kv_cache_tokens=engine.kv_cache_tokens, kv_block_size=engine.block_size,
+                 kv_cache_mib=round(engine.kv_cache_tokens * self.runner_bytes_per_token(loaded) / 2**20, 1),
+                 prefix_cache=engine.prefix_cache,
                  parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device),
                  quantization=info.quantization)
         return engine
+
+    @staticmethod
+    def runner_bytes_per_token(loaded: Any) -> int:
+        return loaded.model.kv_bytes_per_token(loaded.model.layers[0].attention.cache.k.dtype)
 
     def fatal(self, error: BaseException) -> None:
         """Something the service cannot survive (a rank died): fail everything, exit non-zero."""

@@ -1,8 +1,10 @@
 """Tensor-parallel serving from one command: rank 0 here, ranks 1..N-1 as child processes.
 
-Rank 0 runs gRPC, the scheduler and sampling. Before each forward it broadcasts the step's plan as
-two int64 tensors: a header ``[command, n_tokens, n_seqs, all_logits]`` and a payload of the tokens,
-slots, start positions and lengths. Every rank then runs the same forward (fairscale's collectives
+Rank 0 runs gRPC, the scheduler and sampling. Before each forward it broadcasts the step's batch as
+two int64 tensors (the wire format): a header ``[command, n_tokens, n_seqs, all_logits, n_table_entries]``
+and a payload of the tokens, then per sequence its start position, length and block-table length,
+then every block table concatenated. Each rank holds its heads' share of every KV-cache block, so
+the same block tables address every rank's pool. Every rank then runs the same forward (fairscale's collectives
 inside keep them in lockstep); the gathered logits are used on rank 0 only. Plain tensors work on
 gloo and NCCL alike, with no pickling per step.
 
@@ -27,10 +29,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .build import DTYPES
+from .model import Batch
+from .runner import make_batch
+from .scheduler import Work
 
 log = structlog.get_logger()
 
-HEARTBEAT, FORWARD, STOP, COPY_PREFIX = 0, 1, 2, 3
+HEARTBEAT, FORWARD, STOP = 0, 1, 2
 HEARTBEAT_INTERVAL_S = 5.0
 
 
@@ -46,48 +51,57 @@ class LoadOptions:
     seed: int = 1
     log_level: str = "info"
     quantize: str | None = None  # None: a GGUF file's own quantisation, other checkpoints as stored
+    kv_cache_tokens: int | None = None  # see build(): None = max_batch_size slots, 0 = the memory budget
+    kv_block_size: int = 16
 
     def build(self, device: str | None = None) -> Any:
         from .build import build
 
         return build(self.checkpoint, device=device or self.device, dtype=DTYPES[self.dtype],
                      max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed,
-                     quantize=self.quantize)
+                     quantize=self.quantize, kv_cache_tokens=self.kv_cache_tokens,
+                     kv_block_size=self.kv_block_size)
 
 
 def _comm_device(model_device: torch.device) -> torch.device:
     return model_device if model_device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
 
 
-def send_plan(command: int, batch: Any = None, all_logits: bool = False,
+def send_plan(command: int, batch: Batch | None = None, all_logits: bool = False,
               device: torch.device = torch.device("cpu")) -> None:
     """Rank 0: tell every rank what comes next."""
     if batch is None:
-        dist.broadcast(torch.tensor([command, 0, 0, 0], dtype=torch.long, device=device), src=0)
+        dist.broadcast(torch.tensor([command, 0, 0, 0, 0], dtype=torch.long, device=device), src=0)
         return
+    tables = batch.block_tables
+    if any(isinstance(table, int) for table in tables):
+        raise ValueError("tensor-parallel batches carry block tables, not slot numbers")
     n_tokens, n_seqs = batch.tokens.numel(), len(batch.lengths)
-    dist.broadcast(torch.tensor([command, n_tokens, n_seqs, int(all_logits)], dtype=torch.long, device=device),
-                   src=0)
-    layout = torch.tensor([*batch.slots, *batch.start_pos, *batch.lengths], dtype=torch.long)
+    flat = [block for table in tables for block in table]
+    dist.broadcast(torch.tensor([command, n_tokens, n_seqs, int(all_logits), len(flat)], dtype=torch.long,
+                                device=device), src=0)
+    layout = torch.tensor([*batch.start_pos, *batch.lengths, *(len(table) for table in tables), *flat],
+                          dtype=torch.long)
     dist.broadcast(torch.cat([batch.tokens.to(device, torch.long), layout.to(device)]), src=0)
 
 
-def receive_plan(device: torch.device) -> tuple[int, Any, bool]:
+def receive_plan(device: torch.device) -> tuple[int, Batch | None, bool]:
     """Ranks 1..N-1: (command, Batch or None, all_logits)."""
-    from .model import Batch
-
-    header = torch.empty(4, dtype=torch.long, device=device)
+    header = torch.empty(5, dtype=torch.long, device=device)
     dist.broadcast(header, src=0)
-    command, n_tokens, n_seqs, all_logits = header.tolist()
-    if command == COPY_PREFIX:  # the header carries (source slot, destination slot, length)
-        return command, (n_tokens, n_seqs, all_logits), False
+    command, n_tokens, n_seqs, all_logits, n_entries = header.tolist()
     if command != FORWARD:
         return command, None, False
-    payload = torch.empty(n_tokens + 3 * n_seqs, dtype=torch.long, device=device)
+    payload = torch.empty(n_tokens + 3 * n_seqs + n_entries, dtype=torch.long, device=device)
     dist.broadcast(payload, src=0)
     layout = payload[n_tokens:].tolist()
-    batch = Batch(tokens=payload[:n_tokens], slots=layout[:n_seqs], start_pos=layout[n_seqs:2 * n_seqs],
-                  lengths=layout[2 * n_seqs:])
+    table_lens, flat = layout[2 * n_seqs:3 * n_seqs], layout[3 * n_seqs:]
+    tables, offset = [], 0
+    for length in table_lens:
+        tables.append(flat[offset:offset + length])
+        offset += length
+    batch = Batch(tokens=payload[:n_tokens], block_tables=tables, start_pos=layout[:n_seqs],
+                  lengths=layout[n_seqs:2 * n_seqs])
     return command, batch, bool(all_logits)
 
 
@@ -137,8 +151,6 @@ def worker_main(rank: int, world_size: int, init_method: str, options: LoadOptio
         if command == FORWARD:
             with torch.inference_mode():
                 model.forward(batch, all_logits=all_logits)
-        elif command == COPY_PREFIX:
-            model.copy_prefix(*batch)
     log.info("rank stopping")
     shutdown()
 
@@ -191,16 +203,11 @@ class TensorParallelRunner:
                     return
             time.sleep(0.2)
 
-    def forward(self, batch: Any, all_logits: bool) -> torch.Tensor:
+    def forward(self, work: list[Work], all_logits: bool) -> torch.Tensor:
+        batch = make_batch(work, self.device)
         send_plan(FORWARD, batch, all_logits, self._comm)
         with torch.inference_mode():
             return self.model.forward(batch, all_logits=all_logits)
-
-    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
-        """Every rank copies its shard of the cache."""
-        dist.broadcast(torch.tensor([COPY_PREFIX, src_slot, dst_slot, length], dtype=torch.long, device=self._comm),
-                       src=0)
-        self.model.copy_prefix(src_slot, dst_slot, length)
 
     def heartbeat(self) -> None:
         send_plan(HEARTBEAT, device=self._comm)

@@ -55,7 +55,8 @@ def test_info_is_what_the_checkpoint_declares(fmt, tiny_checkpoints):
     n_params = sum(p.numel() for p in loaded.model.parameters())
     assert info.parameter_count == n_params == parameter_count(args)
     cache = loaded.model.layers[0].attention.cache
-    assert cache.k.shape == (2, 100, 2, 16)
+    assert cache.k.shape == (2 * 7, 16, 2, 16)  # 2 sequences of 100 tokens: 7 blocks of 16 each
+    assert info.kv_cache_tokens == 2 * 7 * 16 and info.kv_block_size == 16
 
 
 def test_serving_length_is_capped_by_the_checkpoint_context(tmp_path):

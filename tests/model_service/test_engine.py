@@ -307,11 +307,11 @@ def test_a_cancelled_or_expired_sequence_leaves_at_the_next_step(model):
         staying = engine.submit(GenerationRequest(prompt(6), GREEDY))
         for _ in range(3):
             engine._step()
-        assert len(engine.scheduler.running) == 3 and gauge("llama_model_kv_slots_used") == 3
+        assert engine.scheduler.num_running == 3 and gauge("llama_model_kv_slots_used") == 3
         cancelled.cancel()
-        next(seq for seq in engine.scheduler.running if seq.prompt_len == 5).deadline = 0.0  # passed
+        expiring._req.deadline = 0.0  # passed
         engine._step()  # one step
-        assert [seq.prompt_len for seq in engine.scheduler.running] == [6]
+        assert [seq.prompt_len for seq in engine.scheduler.sequences()] == [6]
         assert gauge("llama_model_running_sequences") == 1 and gauge("llama_model_kv_slots_used") == 1
         await asyncio.sleep(0)  # let the step's deliveries land
         assert [c async for c in cancelled][-1].finish_reason is FinishReason.CANCELLED
@@ -322,3 +322,180 @@ def test_a_cancelled_or_expired_sequence_leaves_at_the_next_step(model):
         assert engine.num_live == 0 and gauge("llama_model_running_sequences") == 0
 
     asyncio.run(run())
+
+
+# ---- the paged cache and the prefix cache -------------------------------------------------------
+# Blocks of 4 tokens, so prompts span many blocks; the engine is given a pool smaller than the
+# model's, and the reference recompute runs in the model's last slot, outside the engine's blocks.
+
+BLOCK = 4
+PAGED_SLOTS = 5  # the model's pool: 5 slots of MAX_SEQ_LEN; the engine uses at most the first 4
+
+
+@pytest.fixture(scope="module")
+def paged_model(model) -> Transformer:
+    paged = Transformer(model.params)
+    paged.load_state_dict(model.state_dict())
+    paged.setup_caches(PAGED_SLOTS, MAX_SEQ_LEN, torch.float32, "cpu", block_size=BLOCK)
+    return paged
+
+
+def make_paged_engine(paged_model: Transformer, num_blocks: int, **kwargs) -> Engine:
+    return make_engine(paged_model, num_blocks=num_blocks, block_size=BLOCK, **kwargs)
+
+
+def paged_reference(paged_model: Transformer, prompt_ids: list[int], n: int) -> list[int]:
+    tokens = list(prompt_ids)
+    for _ in range(n):
+        logits = paged_model.forward(Batch(torch.tensor(tokens), [PAGED_SLOTS - 1], [0], [len(tokens)]))
+        tokens.append(int(logits[-1].argmax()))
+    return tokens[len(prompt_ids):]
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+SHARED = prompt(22, offset=5)  # 5 full blocks of 4 and 2 more tokens
+FAMILY = [
+    SHARED,  # the first: nothing to hit
+    SHARED,  # the same prompt: 5 blocks hit (the last token is always recomputed)
+    SHARED[:18],  # a hit ending mid-block: 4 blocks hit, tokens 16 and 17 recomputed
+    SHARED[:13] + prompt(9, offset=77),  # diverges inside block 3: 3 blocks hit
+    SHARED[:8] + [200, 201, 202, 203, 204],  # diverges at a block boundary: 2 blocks hit
+    prompt(15, offset=150),  # unrelated
+]
+EXPECTED_HITS = [0, 20, 16, 12, 8, 0]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_prefix_cache_never_changes_greedy_tokens(paged_model, prefix_cache):
+    engine = make_paged_engine(paged_model, num_blocks=40, prefix_cache=prefix_cache)
+    hits_before = counter("llama_model_prefix_cache_hit_tokens_total")
+    try:
+        results = [asyncio.run(collect(engine, GenerationRequest(p, GREEDY, max_new_tokens=6))) for p in FAMILY]
+    finally:
+        engine.stop()
+    for family_prompt, (tokens, _) in zip(FAMILY, results, strict=True):
+        assert tokens == paged_reference(paged_model, family_prompt, 6)
+    hits = [chunks[-1].cached_prompt_tokens for _, chunks in results]
+    assert hits == (EXPECTED_HITS if prefix_cache else [0] * len(FAMILY))
+    assert counter("llama_model_prefix_cache_hit_tokens_total") - hits_before == sum(hits)
+
+
+def test_concurrent_family_shares_blocks_and_keeps_its_tokens(paged_model):
+    engine = make_paged_engine(paged_model, num_blocks=40)
+
+    async def run():
+        first = await collect(engine, GenerationRequest(SHARED, GREEDY, max_new_tokens=5))
+        rest = await asyncio.gather(*(collect(engine, GenerationRequest(p, GREEDY, max_new_tokens=7))
+                                      for p in FAMILY[1:]))
+        return [first, *rest]
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.stop()
+    for family_prompt, (tokens, _) in zip(FAMILY, results, strict=True):
+        assert tokens == paged_reference(paged_model, family_prompt, len(tokens))
+    assert [chunks[-1].cached_prompt_tokens for _, chunks in results][1:] == EXPECTED_HITS[1:]
+
+
+def test_next_turn_of_a_conversation_reuses_the_previous_prompt_and_answer(paged_model):
+    engine = make_paged_engine(paged_model, num_blocks=40)
+    try:
+        first_prompt = prompt(10, offset=31)
+        answer, _ = asyncio.run(collect(engine, GenerationRequest(first_prompt, GREEDY, max_new_tokens=9)))
+        history = first_prompt + answer + prompt(5, offset=60)  # 24 tokens
+        tokens, chunks = asyncio.run(collect(engine, GenerationRequest(history, GREEDY, max_new_tokens=4)))
+    finally:
+        engine.stop()
+    # 18 of the 19 known tokens were computed (the last answer token never was): 4 full blocks.
+    assert chunks[-1].cached_prompt_tokens == 16
+    assert tokens == paged_reference(paged_model, history, 4)
+
+
+def test_a_full_pool_preempts_and_resumes_with_identical_output(paged_model):
+    # 12 blocks = 48 tokens for 4 running sequences that grow to 30-40 tokens each: preemption.
+    engine = make_paged_engine(paged_model, num_blocks=12, max_queue=8)
+    requests = [GenerationRequest(prompt(n, offset=n), GREEDY, max_new_tokens=m)
+                for n, m in [(9, 25), (14, 20), (5, 30), (20, 12), (3, 28), (11, 22)]]
+    sampled = GenerationRequest(prompt(7, offset=90), SamplingParams(temperature=1.0, seed=7), max_new_tokens=25)
+    preemptions = counter("llama_model_preemptions_total")
+
+    async def run():
+        return await asyncio.gather(*(collect(engine, r) for r in [*requests, sampled]))
+
+    try:
+        results = asyncio.run(run())
+        alone = asyncio.run(collect(engine, sampled))[0]  # no pressure now
+    finally:
+        engine.stop()
+    assert counter("llama_model_preemptions_total") > preemptions
+    for request, (tokens, chunks) in zip(requests, results[:-1], strict=True):
+        assert tokens == paged_reference(paged_model, request.prompt_token_ids, request.max_new_tokens)
+        assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert results[-1][0] == alone  # a seeded sample survives preemption too
+    assert gauge("llama_model_kv_blocks_used") == 0 and gauge("llama_model_kv_blocks_total") == 12
+
+
+def test_echo_after_a_prefix_hit_still_gets_every_prompt_logprob(paged_model):
+    engine = make_paged_engine(paged_model, num_blocks=40)
+    echo = GenerationRequest(SHARED, GREEDY, max_new_tokens=2, logprobs=True, echo=True)
+    try:
+        asyncio.run(collect(engine, GenerationRequest(SHARED, GREEDY, max_new_tokens=2)))  # fills the cache
+        tokens, chunks = asyncio.run(collect(engine, echo))
+    finally:
+        engine.stop()
+    reference = torch.log_softmax(paged_model.forward(Batch(torch.tensor(SHARED), [PAGED_SLOTS - 1], [0],
+                                                            [len(SHARED)]), all_logits=True), dim=-1)
+    expected = [0.0] + [reference[i - 1, SHARED[i]].item() for i in range(1, len(SHARED))]
+    assert chunks[0].prompt_logprobs == pytest.approx(expected, abs=1e-4)
+    assert chunks[-1].cached_prompt_tokens == 0
+
+
+def test_a_request_that_can_never_fit_the_cache_is_refused_with_both_numbers(paged_model):
+    engine = make_paged_engine(paged_model, num_blocks=10, start=False)  # 40 tokens
+    with pytest.raises(InvalidArgument, match="45 tokens.*40") as error:
+        engine.validate(GenerationRequest(prompt(45)))
+    assert error.value.field == "prompt_token_ids"
+    with pytest.raises(InvalidArgument, match="30.*12.*42.*40") as error:
+        engine.validate(GenerationRequest(prompt(30), max_new_tokens=12))
+    assert error.value.field == "stopping.max_new_tokens"
+    engine.validate(GenerationRequest(prompt(30), max_new_tokens=10))  # fits: waits for blocks if it must
+
+
+def test_a_group_forks_from_the_first_and_seeded_groups_are_reproducible(paged_model):
+    """n completions: greedy siblings share the first's prompt blocks; a seeded group runs in lockstep
+    and gives the same tokens every time, with the prefix cache on or off."""
+    seeded = [GenerationRequest(SHARED, SamplingParams(temperature=1.0, seed=seed), max_new_tokens=12)
+              for seed in (1, 2, 3)]
+    greedy_group = [GenerationRequest(SHARED, GREEDY, max_new_tokens=6) for _ in range(3)]
+
+    async def run(engine, group):
+        streams = engine.submit_group(group)
+
+        async def read(stream):
+            tokens, last = [], None
+            async for chunk in stream:
+                tokens += chunk.token_ids
+                last = chunk
+            return tokens, last.cached_prompt_tokens
+
+        return await asyncio.gather(*(read(stream) for stream in streams))
+
+    cached, uncached = make_paged_engine(paged_model, num_blocks=40), make_paged_engine(
+        paged_model, num_blocks=40, prefix_cache=False)
+    try:
+        first, second = asyncio.run(run(cached, seeded)), asyncio.run(run(cached, seeded))
+        without = asyncio.run(run(uncached, seeded))
+        greedy_cached = asyncio.run(run(uncached, greedy_group))
+    finally:
+        cached.stop()
+        uncached.stop()
+    assert [t for t, _ in first] == [t for t, _ in second] == [t for t, _ in without]
+    assert len({tuple(t) for t, _ in first}) > 1
+    assert [hits for _, hits in first + second] == [0] * 6
+    expected = paged_reference(paged_model, SHARED, 6)
+    # Forks share the first's blocks even without the prefix cache.
+    assert greedy_cached == [(expected, 0), (expected, 20), (expected, 20)]

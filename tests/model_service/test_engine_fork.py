@@ -1,7 +1,10 @@
-"""n completions of one prompt: the forks start from a copy of the first completion's cached prompt.
+"""n completions of one prompt (``Engine.submit_group``): the forks share the first completion's
+cached prompt blocks.
 
-Truths: the same requests submitted independently (each computing its own prompt) give the same
-tokens, greedy and seeded; and the forward passes see (n - 1) x (prompt - 1) fewer tokens.
+Truths: the same requests submitted independently (each computing its own prompt, prefix cache
+off) give the same tokens, greedy and seeded; greedy forks feed the forward (n - 1) x (the prompt's
+full blocks, all but its last token) fewer tokens; a seeded group runs in lockstep instead (see
+``Engine._may_reuse_blocks``).
 """
 
 from __future__ import annotations
@@ -24,21 +27,19 @@ class CountingRunner(LocalRunner):
         super().__init__(model, "cpu")
         self.tokens_fed = 0
 
-    def forward(self, batch, all_logits):
-        self.tokens_fed += int(batch.tokens.numel())
-        return super().forward(batch, all_logits)
+    def forward(self, work, all_logits):
+        self.tokens_fed += sum(item.length for item in work)
+        return super().forward(work, all_logits)
 
 
 def run_group(model, requests: list[GenerationRequest], fork: bool) -> tuple[list[list[int]], int]:  # noqa: F811
     runner = CountingRunner(model)
     engine = Engine(runner, vocab_size=VOCAB, max_seq_len=MAX_SEQ_LEN, max_batch_size=SLOTS, max_queue=8,
-                    prefill_chunk=8)
+                    prefill_chunk=8, prefix_cache=False)
     engine.start()
 
     async def go():
-        streams = []
-        for request in requests:
-            streams.append(engine.submit(request, fork_of=streams[0] if fork and streams else None))
+        streams = engine.submit_group(requests) if fork else [engine.submit(request) for request in requests]
 
         async def read(stream):
             return [t async for chunk in stream for t in chunk.token_ids]
@@ -54,14 +55,15 @@ def run_group(model, requests: list[GenerationRequest], fork: bool) -> tuple[lis
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_p=0.95, seed=3)])
 def test_forks_equal_independent_completions_and_skip_the_prompt(model, sampling):  # noqa: F811
-    n, length = 4, 21  # 21 tokens: 3 prefill chunks of 8 for the first, then one token for each fork
+    n, length = 4, 21  # 21 tokens: 3 prefill chunks of 8 for the first; each fork shares 1 block of 16
     base = GenerationRequest(prompt(length), sampling, max_new_tokens=6)
     requests = [replace(base, sampling=replace(sampling, seed=completion_seed(sampling.seed, i))) for i in range(n)]
     forked, fed_forked = run_group(model, requests, fork=True)
     alone, fed_alone = run_group(model, requests, fork=False)
     assert forked == alone
     assert all(len(tokens) == 6 for tokens in forked)
-    assert fed_alone - fed_forked == (n - 1) * (length - 1)
+    shared = 0 if sampling.seed is not None and sampling.temperature else 16  # a seeded group: lockstep
+    assert fed_alone - fed_forked == (n - 1) * shared
     if sampling.temperature:
         assert len({tuple(t) for t in forked}) > 1  # the derived seeds differ
 

@@ -36,15 +36,15 @@ class PoisonRunner(LocalRunner):
         super().__init__(model, "cpu")
         self.mode = mode
 
-    def forward(self, batch, all_logits: bool) -> torch.Tensor:
-        segments = torch.split(batch.tokens, batch.lengths)
-        poisoned = [i for i, tokens in enumerate(segments) if bool((tokens == POISON).all())]
+    def forward(self, work, all_logits: bool) -> torch.Tensor:
+        poisoned = [i for i, item in enumerate(work) if all(token == POISON for token in item.token_ids)]
         if poisoned and self.mode == "raise":
             raise RuntimeError("forward failed on a poisoned sequence")
-        logits = super().forward(batch, all_logits)
+        logits = super().forward(work, all_logits)
         if poisoned:
             logits = logits.clone()
-            rows = poisoned if not all_logits else [sum(batch.lengths[:i + 1]) - 1 for i in poisoned]
+            lengths = [item.length for item in work]
+            rows = poisoned if not all_logits else [sum(lengths[:i + 1]) - 1 for i in poisoned]
             logits[rows] = float("nan")
         return logits
 

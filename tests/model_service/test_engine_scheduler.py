@@ -1,60 +1,88 @@
-"""The scheduler's promises, on plain sequences (no model): FIFO slots, decode never waits for
-prompts, prompt tokens per step bounded by the budget, slots reused."""
+"""The scheduler's promises, on plain sequences (no model): FIFO admission, decode never waits for
+prompts, prompt tokens per step bounded by the budget, blocks allocated as sequences grow and never
+shared by two live sequences unless they hold the same tokens, prefix hits, LRU eviction,
+preemption that frees blocks and resumes with every token, forks, stop checks."""
 
 from __future__ import annotations
 
-from model_service.scheduler import Scheduler, Sequence
+import random
+
+import pytest
+
+from model_service.scheduler import FinishReason, Scheduler, Sequence, Status
+
+BS = 4  # block size in these tests
 
 
-def seq(prompt_len: int) -> Sequence:
-    return Sequence(tokens=list(range(prompt_len)), prompt_len=prompt_len)
+def seq(prompt_len: int, *, first: int = 0, max_new: int = 1000, stop: frozenset[int] = frozenset()) -> Sequence:
+    return Sequence(tokens=list(range(first, first + prompt_len)), prompt_len=prompt_len, max_new_tokens=max_new,
+                    stop_ids=stop)
 
 
-def run_step(scheduler: Scheduler) -> list:
-    scheduler.admit()
-    work = scheduler.plan()
-    completes = [item.completes for item in work]
-    scheduler.advance(work)
-    for item, done in zip(work, completes, strict=True):  # "sample" for sequences whose tokens are all cached
+def make(max_batch_size: int = 4, prefill_chunk: int = 100, num_blocks: int = 64, **kwargs) -> Scheduler:
+    return Scheduler(max_batch_size, prefill_chunk, num_blocks=num_blocks, block_size=BS, **kwargs)
+
+
+def run_step(scheduler: Scheduler, sample: int = 7):
+    plan = scheduler.schedule()
+    completes = [item.completes for item in plan.work]
+    check_tables(scheduler, plan.work)
+    scheduler.advance(plan.work)
+    for item, done in zip(plan.work, completes, strict=True):  # "sample" where every known token is cached
         if done:
-            item.seq.tokens.append(0)
-    return work, completes
+            scheduler.append_token(item.seq, sample)
+    return plan.work, completes
 
 
-def test_admission_is_fifo_into_distinct_slots_and_freed_slots_are_reused():
-    scheduler = Scheduler(max_batch_size=2, prefill_chunk=100)
-    a, b, c = seq(3), seq(3), seq(3)
+def check_tables(scheduler: Scheduler, work) -> None:
+    """Each work item's table covers its positions; a block is shared only by sequences that agree on
+    every token it holds (so no sequence writes into another's keys/values)."""
+    owner: dict[int, tuple] = {}
+    for item in work:
+        assert len(item.block_table) * BS >= item.start + item.length
+    for s in scheduler.sequences():
+        for i, block in enumerate(s.block_table):
+            content = tuple(s.tokens[: (i + 1) * BS])
+            if block in owner:
+                full_before = min(s.num_cached, (i + 1) * BS) == (i + 1) * BS
+                assert full_before and owner[block] == content, f"block {block} shared by different prefixes"
+            owner[block] = content
+
+
+def test_admission_is_fifo_and_bounded_by_the_batch():
+    scheduler = make(max_batch_size=2)
+    a, b, c = seq(3), seq(3, first=10), seq(3, first=20)
     for s in (a, b, c):
         scheduler.add(s)
-    assert scheduler.admit() == [a, b]
-    assert {a.slot, b.slot} == {0, 1} and c.slot == -1
-    slot_of_a = a.slot
-    scheduler.remove(a)
-    assert a.slot == -1
-    assert scheduler.admit() == [c] and c.slot == slot_of_a
+    plan = scheduler.schedule()
+    assert plan.admitted == [a, b] and c.status is Status.WAITING
+    assert len(set(a.block_table) | set(b.block_table)) == 2  # one block each, distinct
+    scheduler.finish(a, FinishReason.CANCELLED)
+    assert a.block_table == [] and a.status is Status.FINISHED
+    assert scheduler.schedule().admitted == [c]
     assert len(scheduler) == 2
 
 
-def test_removing_a_waiting_sequence():
-    scheduler = Scheduler(max_batch_size=1, prefill_chunk=10)
+def test_finishing_a_waiting_sequence():
+    scheduler = make(max_batch_size=1)
     a, b = seq(2), seq(2)
     scheduler.add(a)
     scheduler.add(b)
-    scheduler.admit()
-    scheduler.remove(b)
-    assert list(scheduler.waiting) == [] and scheduler.running == [a]
+    scheduler.schedule()
+    scheduler.finish(b, None)
+    assert list(scheduler.sequences()) == [a] and scheduler.num_waiting == 0
 
 
 def test_long_prompt_is_chunked_and_running_streams_keep_decoding():
-    scheduler = Scheduler(max_batch_size=4, prefill_chunk=8)
+    scheduler = make(prefill_chunk=8)
     short = seq(3)
     scheduler.add(short)
     run_step(scheduler)  # short's prompt in one step, then it decodes
-    assert not short.prefilling
-    long = seq(30)
+    assert short.prefilled
+    long = seq(30, first=100)
     scheduler.add(long)
     steps = []
-    while long.prefilling:
+    while not long.prefilled:
         work, _ = run_step(scheduler)
         by_seq = {id(item.seq): item for item in work}
         assert by_seq[id(short)].length == 1  # the running stream got its token every step
@@ -62,11 +90,12 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding():
         assert sum(item.length for item in work if item.seq is not short) <= 8
     assert steps == [8, 8, 8, 6]
     assert long.num_cached == 30 and len(long.tokens) == 31  # the last chunk produced its first token
+    assert len(long.block_table) == 8  # ceil(30 / 4): blocks for what is computed, no more
 
 
 def test_budget_is_shared_in_arrival_order():
-    scheduler = Scheduler(max_batch_size=4, prefill_chunk=10)
-    a, b, c = seq(6), seq(6), seq(6)
+    scheduler = make(prefill_chunk=10)
+    a, b, c = seq(6), seq(6, first=10), seq(6, first=20)
     for s in (a, b, c):
         scheduler.add(s)
     work, completes = run_step(scheduler)
@@ -78,16 +107,187 @@ def test_budget_is_shared_in_arrival_order():
 
 
 def test_work_carries_the_right_tokens_and_positions():
-    scheduler = Scheduler(max_batch_size=1, prefill_chunk=4)
-    s = Sequence(tokens=[10, 11, 12, 13, 14, 15], prompt_len=6)
+    scheduler = make(max_batch_size=1, prefill_chunk=4)
+    s = Sequence(tokens=[10, 11, 12, 13, 14, 15], prompt_len=6, max_new_tokens=10)
     scheduler.add(s)
-    scheduler.admit()
-    (first,) = scheduler.plan()
-    assert (first.start, first.token_ids, first.completes) == (0, [10, 11, 12, 13], False)
-    scheduler.advance([first])
-    (second,) = scheduler.plan()
-    assert (second.start, second.token_ids, second.completes) == (4, [14, 15], True)
+    plan = scheduler.schedule()
+    (first,) = plan.work
+    assert (first.start, first.token_ids, first.completes) == (0, (10, 11, 12, 13), False)
+    scheduler.advance(plan.work)
+    (second,) = scheduler.schedule().work
+    assert (second.start, second.token_ids, second.completes) == (4, (14, 15), True)
     scheduler.advance([second])
-    s.tokens.append(99)  # the sampled token
-    (third,) = scheduler.plan()
-    assert (third.start, third.token_ids, third.completes) == (6, [99], True)
+    assert scheduler.append_token(s, 99) is None
+    (third,) = scheduler.schedule().work
+    assert (third.start, third.token_ids, third.completes) == (6, (99,), True)
+
+
+def test_stop_checks():
+    scheduler = make()
+    a, b = seq(3, max_new=2), seq(3, first=10, stop=frozenset({5}))
+    for s in (a, b):
+        scheduler.add(s)
+    run_step(scheduler, sample=1)
+    assert scheduler.append_token(b, 5) is FinishReason.STOP_TOKEN and b.generated == [1]  # 5 is not kept
+    assert scheduler.append_token(a, 2) is FinishReason.LENGTH and a.generated == [1, 2]
+    assert a.status is b.status is Status.FINISHED and scheduler.pool.used == 0
+    small = make(num_blocks=2)  # 8 tokens: the context of any sequence
+    c = seq(6)
+    small.add(c)
+    run_step(small)
+    assert c.status is Status.RUNNING
+    assert small.append_token(c, 3) is FinishReason.CONTEXT_LIMIT and len(c.tokens) == 8
+
+
+def test_prefix_hits_reuse_full_blocks_and_always_recompute_the_last_token():
+    scheduler = make()
+    first = Sequence(tokens=list(range(10)), prompt_len=10, max_new_tokens=5)
+    scheduler.add(first)
+    run_step(scheduler)  # blocks [0-3] and [4-7] are full and named; [8, 9] is partial
+    # Same 10 tokens: 2 blocks hit, tokens 8 and 9 recomputed.
+    same = Sequence(tokens=list(range(10)), prompt_len=10, max_new_tokens=5)
+    # Exactly 8 tokens: only 1 block hits (token 7 is recomputed, in a block of its own).
+    boundary = Sequence(tokens=list(range(8)), prompt_len=8, max_new_tokens=5)
+    # Diverges inside the second block: 1 block hits.
+    diverging = Sequence(tokens=[0, 1, 2, 3, 4, 99, 6, 7, 8], prompt_len=9, max_new_tokens=5)
+    for s in (same, boundary, diverging):
+        scheduler.add(s)
+    work, _ = run_step(scheduler)
+    starts = {id(item.seq): (item.start, item.length) for item in work}
+    assert starts[id(same)] == (8, 2) and same.cached_prompt_tokens == 8
+    assert same.block_table[:2] == first.block_table[:2]
+    assert starts[id(boundary)] == (4, 4) and boundary.cached_prompt_tokens == 4
+    assert boundary.block_table[0] == first.block_table[0] and boundary.block_table[1] != first.block_table[1]
+    assert starts[id(diverging)] == (4, 5) and diverging.cached_prompt_tokens == 4
+    off = make(prefix_cache=False)
+    for s in (Sequence(list(range(10)), 10, 5), Sequence(list(range(10)), 10, 5)):
+        off.add(s)
+        run_step(off)
+        assert s.cached_prompt_tokens == 0
+
+
+def test_generated_tokens_fill_blocks_that_the_next_turn_reuses():
+    scheduler = make()
+    turn1 = Sequence(tokens=list(range(6)), prompt_len=6, max_new_tokens=6)
+    scheduler.add(turn1)
+    while turn1.status is not Status.FINISHED:
+        run_step(scheduler, sample=50 + len(turn1.tokens))
+    history = turn1.tokens  # 6 prompt + 6 generated; the last generated one was never computed
+    turn2 = Sequence(tokens=history + [90, 91, 92], prompt_len=15, max_new_tokens=3)
+    scheduler.add(turn2)
+    run_step(scheduler)
+    assert turn2.cached_prompt_tokens == 8  # blocks [0-3], [4-7]; [8-11] holds the uncomputed last token
+
+
+def test_unreferenced_cached_blocks_are_evicted_least_recently_used_first():
+    scheduler = make(num_blocks=4)
+    old, recent = seq(5), seq(5, first=100)
+    for s in (old, recent):
+        scheduler.add(s)
+        run_step(scheduler)
+        scheduler.finish(s, FinishReason.LENGTH)
+    assert scheduler.pool.used == 0 and scheduler.pool.available == 4
+    newcomer = seq(5, first=200)  # needs 2 blocks: the 2 free ones (partial blocks of old and recent)
+    scheduler.add(newcomer)
+    run_step(scheduler)
+    another = seq(5, first=300)  # needs 2 more: evicts old's full block, then recent's
+    scheduler.add(another)
+    run_step(scheduler)
+    scheduler.finish(newcomer, None)
+    scheduler.finish(another, None)
+    again = seq(5, first=100)
+    scheduler.add(again)
+    run_step(scheduler)
+    assert again.cached_prompt_tokens == 0  # both were needed: everything was evicted
+    # With room for one: the older one goes first.
+    scheduler = make(num_blocks=5)
+    old, recent = seq(5), seq(5, first=100)
+    for s in (old, recent):
+        scheduler.add(s)
+        run_step(scheduler)
+        scheduler.finish(s, FinishReason.LENGTH)
+    filler = seq(13, first=500)  # 4 blocks: the 3 free ones, then the least recently used cached one
+    scheduler.add(filler)
+    run_step(scheduler)
+    scheduler.finish(filler, None)
+    hits = []
+    for first in (100, 0):
+        s = seq(5, first=first)
+        scheduler.add(s)
+        run_step(scheduler)
+        hits.append(s.cached_prompt_tokens)
+        scheduler.finish(s, None)
+    assert hits == [4, 0]
+
+
+def test_a_full_pool_preempts_the_newest_and_resumes_it_with_every_token():
+    scheduler = make(num_blocks=4, prefill_chunk=100)
+    a, b = seq(3), seq(3, first=10)
+    for s in (a, b):
+        scheduler.add(s)
+    run_step(scheduler)  # each holds 1 block; each has 4 tokens now
+    preempted = []
+    for _ in range(10):
+        plan = scheduler.schedule()
+        preempted += plan.preempted
+        check_tables(scheduler, plan.work)
+        scheduler.advance(plan.work)
+        for item in plan.work:
+            if item.completes:
+                scheduler.append_token(item.seq, 7)
+        if preempted:
+            break
+    assert preempted == [b] and b.status is Status.PREEMPTED and b.block_table == [] and b.num_cached == 0
+    assert len(b.tokens) > 3  # it keeps what it generated
+    scheduler.finish(a, FinishReason.LENGTH)
+    kept = list(b.tokens)
+    plan = scheduler.schedule()
+    assert plan.admitted == [b] and b.status is Status.RUNNING
+    (item,) = plan.work
+    # Recomputes every token but the full blocks it left in the prefix cache.
+    assert item.start + item.length == len(kept) and item.token_ids == tuple(kept[item.start:])
+    assert b.cached_prompt_tokens == 0  # counted on first admission only
+
+
+def test_nothing_fails_and_nobody_starves_under_random_pressure():
+    rng = random.Random(0)
+    scheduler = make(max_batch_size=8, prefill_chunk=16, num_blocks=12)  # 48 tokens for everyone
+    live = []
+    for i in range(40):
+        s = seq(rng.randint(1, 20), first=rng.choice([0, 1000 + i]), max_new=rng.randint(1, 20))
+        scheduler.add(s)
+        live.append(s)
+    steps = 0
+    while len(scheduler):
+        run_step(scheduler, sample=rng.randint(0, 9))
+        steps += 1
+        assert scheduler.pool.used <= 12 and steps < 5000
+    assert all(s.finish_reason in (FinishReason.LENGTH, FinishReason.CONTEXT_LIMIT) for s in live)
+    assert all(len(s.generated) == s.max_new_tokens for s in live if len(s.tokens) < 48)
+    assert scheduler.pool.used == 0
+
+
+def test_fork_shares_the_prompt_blocks_and_recomputes_the_partial_one():
+    for prefix_cache in (True, False):
+        scheduler = make(prefix_cache=prefix_cache)
+        parent = Sequence(tokens=list(range(10)), prompt_len=10, max_new_tokens=5)
+        scheduler.add(parent)
+        with pytest.raises(ValueError, match="prefilled|prompt is in the cache"):
+            scheduler.fork(parent)
+        plan = scheduler.schedule()
+        scheduler.advance(plan.work)  # the prompt is in the cache: fork before sampling
+        child = scheduler.fork(parent)
+        with pytest.raises(ValueError, match="parent's prompt"):
+            scheduler.fork(parent, Sequence(tokens=[1, 2], prompt_len=2, max_new_tokens=3))
+        scheduler.append_token(parent, 42)
+        assert child.tokens == list(range(10)) and child.cached_prompt_tokens == 8
+        scheduler.finish(parent, FinishReason.CANCELLED)  # the shared blocks stay held by the child
+        work, _ = run_step(scheduler)
+        (item,) = work
+        assert (item.seq, item.start, item.length) == (child, 8, 2)
+        assert len(child.generated) == 1
+
+
+def test_a_request_bigger_than_the_pool_is_never_admitted_by_itself():
+    scheduler = make(num_blocks=2)
+    assert scheduler.max_seq_len == 8  # the engine refuses prompts this long up front

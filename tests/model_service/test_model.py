@@ -27,7 +27,7 @@ def tokens(n: int, seed: int) -> torch.Tensor:
 
 def full(model: Transformer, seq: torch.Tensor, slot: int = 5) -> torch.Tensor:
     """[len(seq), vocab]: the whole sequence in one causal pass from position 0."""
-    return model(Batch(seq, slots=[slot], start_pos=[0], lengths=[len(seq)]), all_logits=True)
+    return model(Batch(seq, block_tables=[slot], start_pos=[0], lengths=[len(seq)]), all_logits=True)
 
 
 def test_incremental_decode_equals_full_recompute(model):
@@ -90,7 +90,7 @@ def test_batch_is_validated(model):
         model(Batch(tokens(2, 0), [0], [0], [3]))
     with pytest.raises(ValueError, match="do not fit"):
         model(Batch(tokens(2, 0), [0], [63], [2]))
-    with pytest.raises(ValueError, match="one slot"):
+    with pytest.raises(ValueError, match="one block table"):
         model(Batch(tokens(2, 0), [0, 1], [0], [2]))
 
 

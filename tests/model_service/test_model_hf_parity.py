@@ -37,7 +37,7 @@ def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 def our_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     model = build(path, max_batch_size=1, max_seq_len=128).model
-    return model(Batch(tokens, slots=[0], start_pos=[0], lengths=[len(tokens)]), all_logits=True)
+    return model(Batch(tokens, block_tables=[0], start_pos=[0], lengths=[len(tokens)]), all_logits=True)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "meta", "meta2", "gguf"])
@@ -53,10 +53,10 @@ def test_greedy_tokens_match_transformers(tiny_checkpoints, hf_model, prompt):
     # Ours: prompt once, then one token at a time through the KV cache.
     model = build(tiny_checkpoints["hf"], max_batch_size=2, max_seq_len=128).model
     ours = prompt.tolist()
-    logits = model(Batch(prompt, slots=[1], start_pos=[0], lengths=[PROMPT_LEN]))
+    logits = model(Batch(prompt, block_tables=[1], start_pos=[0], lengths=[PROMPT_LEN]))
     for _ in range(NEW_TOKENS):
         ours.append(int(logits[0].argmax()))
-        logits = model(Batch(torch.tensor(ours[-1:]), slots=[1], start_pos=[len(ours) - 1], lengths=[1]))
+        logits = model(Batch(torch.tensor(ours[-1:]), block_tables=[1], start_pos=[len(ours) - 1], lengths=[1]))
     # Theirs: recompute the whole sequence at every step, no cache.
     theirs = prompt.tolist()
     for _ in range(NEW_TOKENS):
@@ -70,7 +70,7 @@ def test_bfloat16_on_cpu_tracks_float32(tiny_checkpoints, prompt):
     model = build(tiny_checkpoints["hf"], dtype="bfloat16", max_batch_size=1, max_seq_len=128).model
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model.layers[0].attention.cache.k.dtype == torch.bfloat16
-    approx = model(Batch(prompt, slots=[0], start_pos=[0], lengths=[PROMPT_LEN]), all_logits=True)
+    approx = model(Batch(prompt, block_tables=[0], start_pos=[0], lengths=[PROMPT_LEN]), all_logits=True)
     assert approx.dtype == torch.float32  # logits are always float32
     cosine = torch.nn.functional.cosine_similarity(approx, exact, dim=-1)
     assert cosine.min().item() > 0.99

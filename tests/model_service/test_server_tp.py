@@ -58,7 +58,7 @@ def test_tp2_serves_the_same_greedy_tokens_as_tp1(tp_server, core):
 
 
 def test_tp2_n_completions_fork_the_cached_prompt_on_every_rank(tp_server, core):
-    """n = 3 greedy: the forks copy the prompt's cache on both ranks (COPY_PREFIX) and agree with tp=1."""
+    """n = 3 greedy: the forks share the prompt's blocks on both ranks and agree with tp=1."""
     prompt = list(range(200, 230))
     _, responses = asyncio.run(generate(tp_server.address, request(prompt, n=3, **greedy(12))))
     by_index: dict[int, list[int]] = {}
@@ -66,6 +66,18 @@ def test_tp2_n_completions_fork_the_cached_prompt_on_every_rank(tp_server, core)
         by_index.setdefault(response.index, []).extend(response.token_ids)
     expected, _ = core_greedy(core, prompt, 12)
     assert by_index == {0: expected, 1: expected, 2: expected}
+
+
+def test_tp2_prefix_hits_and_block_tables_reach_every_rank(tp_server, core):
+    """A repeated prompt is served from cached blocks on both ranks (each holds its heads' share of
+    every block; the block tables travel in the wire format) and gives the same tokens."""
+    prompt = list(range(200, 250))  # 3 full blocks of 16 reusable
+    first, first_responses = asyncio.run(generate(tp_server.address, request(prompt, **greedy(8))))
+    second, second_responses = asyncio.run(generate(tp_server.address, request(prompt + [7], **greedy(8))))
+    assert first == core_greedy(core, prompt, 8)[0]
+    assert second == core_greedy(core, prompt + [7], 8)[0]
+    assert first_responses[-1].usage.cached_prompt_tokens == 0
+    assert second_responses[-1].usage.cached_prompt_tokens == 48
 
 
 def hurt_rank_mid_stream(proc: ServiceProcess, sig: signal.Signals) -> tuple[grpc.aio.AioRpcError, int]:

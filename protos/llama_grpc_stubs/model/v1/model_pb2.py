@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llama_grpc_stubs.common.v1 import common_pb2 as llama_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allama/model/v1/model.proto\x12\x0ellama.model.v1\x1a\x1cllama/common/v1/common.proto\"\x93\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.llama.common.v1.SamplingParams\x12\x33\n\x08stopping\x18\x04 \x01(\x0b\x32!.llama.common.v1.StoppingCriteria\x12.\n\x06output\x18\x05 \x01(\x0b\x32\x1e.llama.common.v1.OutputOptions\x12\t\n\x01n\x18\x06 \x01(\x05\x12/\n\nconstraint\x18\x07 \x01(\x0b\x32\x1b.llama.common.v1.Constraint\"\xab\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.llama.common.v1.TopLogprobs\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.llama.common.v1.FinishReason\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.llama.common.v1.Usage\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x39\n\x13prompt_top_logprobs\x18\x07 \x03(\x0b\x32\x1c.llama.common.v1.TopLogprobs\x12\r\n\x05index\x18\x08 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\x9b\x03\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x19\n\x11\x63heckpoint_format\x18\x0b \x01(\t\x12\x17\n\x0fparameter_count\x18\x0c \x01(\x03\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x0f\n\x07\x63ompile\x18\x0e \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18( \x01(\x05\x12=\n\x0c\x63\x61pabilities\x18\x1e \x01(\x0b\x32\'.llama.common.v1.GenerationCapabilities2\xba\x01\n\x0cModelService\x12O\n\x08Generate\x12\x1f.llama.model.v1.GenerateRequest\x1a .llama.model.v1.GenerateResponse0\x01\x12Y\n\x0cGetModelInfo\x12#.llama.model.v1.GetModelInfoRequest\x1a$.llama.model.v1.GetModelInfoResponseB\x83\x01\n\"io.github.llamagrpc.llama.model.v1B\nModelProtoP\x01Z>github.com/llama-grpc/llama-grpc/gen/go/llama/model/v1;modelv1\xaa\x02\x0eLlama.Model.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allama/model/v1/model.proto\x12\x0ellama.model.v1\x1a\x1cllama/common/v1/common.proto\"\x93\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.llama.common.v1.SamplingParams\x12\x33\n\x08stopping\x18\x04 \x01(\x0b\x32!.llama.common.v1.StoppingCriteria\x12.\n\x06output\x18\x05 \x01(\x0b\x32\x1e.llama.common.v1.OutputOptions\x12\t\n\x01n\x18\x06 \x01(\x05\x12/\n\nconstraint\x18\x07 \x01(\x0b\x32\x1b.llama.common.v1.Constraint\"\xcf\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.llama.common.v1.TopLogprobs\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.llama.common.v1.FinishReason\x12%\n\x05usage\x18\x05 \x01(\x0b\x32\x16.llama.common.v1.Usage\x12\x17\n\x0fprompt_logprobs\x18\x06 \x03(\x02\x12\x39\n\x13prompt_top_logprobs\x18\x07 \x03(\x0b\x32\x1c.llama.common.v1.TopLogprobs\x12\r\n\x05index\x18\x08 \x01(\x05\x12\"\n\x04load\x18\x14 \x01(\x0b\x32\x14.llama.model.v1.Load\"k\n\x04Load\x12\x19\n\x11running_sequences\x18\x01 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\"\x10\n\x0eGetLoadRequest\"5\n\x0fGetLoadResponse\x12\"\n\x04load\x18\x01 \x01(\x0b\x32\x14.llama.model.v1.Load\"\x15\n\x13GetModelInfoRequest\"\xe1\x03\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x19\n\x11\x63heckpoint_format\x18\x0b \x01(\t\x12\x17\n\x0fparameter_count\x18\x0c \x01(\x03\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x0f\n\x07\x63ompile\x18\x0e \x01(\t\x12\x1c\n\x14max_new_tokens_limit\x18( \x01(\x05\x12=\n\x0c\x63\x61pabilities\x18\x1e \x01(\x0b\x32\'.llama.common.v1.GenerationCapabilities\x12\x17\n\x0fkv_cache_tokens\x18\x14 \x01(\x03\x12\x15\n\rkv_block_size\x18\x15 \x01(\x05\x12\x14\n\x0cprefix_cache\x18\x16 \x01(\x08\x32\x86\x02\n\x0cModelService\x12O\n\x08Generate\x12\x1f.llama.model.v1.GenerateRequest\x1a .llama.model.v1.GenerateResponse0\x01\x12Y\n\x0cGetModelInfo\x12#.llama.model.v1.GetModelInfoRequest\x1a$.llama.model.v1.GetModelInfoResponse\x12J\n\x07GetLoad\x12\x1e.llama.model.v1.GetLoadRequest\x1a\x1f.llama.model.v1.GetLoadResponseB\x83\x01\n\"io.github.llamagrpc.llama.model.v1B\nModelProtoP\x01Z>github.com/llama-grpc/llama-grpc/gen/go/llama/model/v1;modelv1\xaa\x02\x0eLlama.Model.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=77
   _globals['_GENERATEREQUEST']._serialized_end=352
   _globals['_GENERATERESPONSE']._serialized_start=355
-  _globals['_GENERATERESPONSE']._serialized_end=654
-  _globals['_GETMODELINFOREQUEST']._serialized_start=656
-  _globals['_GETMODELINFOREQUEST']._serialized_end=677
-  _globals['_GETMODELINFORESPONSE']._serialized_start=680
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1091
-  _globals['_MODELSERVICE']._serialized_start=1094
-  _globals['_MODELSERVICE']._serialized_end=1280
+  _globals['_GENERATERESPONSE']._serialized_end=690
+  _globals['_LOAD']._serialized_start=692
+  _globals['_LOAD']._serialized_end=799
+  _globals['_GETLOADREQUEST']._serialized_start=801
+  _globals['_GETLOADREQUEST']._serialized_end=817
+  _globals['_GETLOADRESPONSE']._serialized_start=819
+  _globals['_GETLOADRESPONSE']._serialized_end=872
+  _globals['_GETMODELINFOREQUEST']._serialized_start=874
+  _globals['_GETMODELINFOREQUEST']._serialized_end=895
+  _globals['_GETMODELINFORESPONSE']._serialized_start=898
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1379
+  _globals['_MODELSERVICE']._serialized_start=1382
+  _globals['_MODELSERVICE']._serialized_end=1644
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class ModelServiceStub:
                 request_serializer=llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/llama.model.v1.ModelService/GetLoad',
+                request_serializer=llama_dot_model_dot_v1_dot_model__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=llama_dot_model_dot_v1_dot_model__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -64,6 +69,13 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """How busy this replica is right now (for a router choosing among replicas).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoRequest.FromString,
                     response_serializer=llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=llama_dot_model_dot_v1_dot_model__pb2.GetLoadRequest.FromString,
+                    response_serializer=llama_dot_model_dot_v1_dot_model__pb2.GetLoadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class ModelService:
             '/llama.model.v1.ModelService/GetModelInfo',
             llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoRequest.SerializeToString,
             llama_dot_model_dot_v1_dot_model__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llama.model.v1.ModelService/GetLoad',
+            llama_dot_model_dot_v1_dot_model__pb2.GetLoadRequest.SerializeToString,
+            llama_dot_model_dot_v1_dot_model__pb2.GetLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
