@@ -12,9 +12,9 @@ import asyncio
 import grpc
 import pytest
 
+from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 from tests.model_service.test_server import core, core_greedy, generate, greedy, metric, request  # noqa: F401
-from tests.service_process import ServiceProcess
 
 POOL_TOKENS = 192  # 12 blocks of 16: four 60-token sequences do not fit together
 
