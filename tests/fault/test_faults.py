@@ -261,6 +261,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # the soak itself runs LLAMA_SOAK_SECONDS (600 by default), then the checks
 def test_soak_32_streams(trio_for_soak: Trio):
     """32 streams for LLAMA_SOAK_SECONDS (default 600): 0 errors, and each service's resident memory
     grows by less than 10% from the end of warm-up to the end."""
