@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse bench-peers clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -97,13 +97,15 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse bench-peers
+bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse bench-peers bench-cache
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
 	$(PY) bench/model_bench.py
 bench-engine: install assets
 	$(PY) bench/engine_bench.py
+bench-cache: install assets
+	$(PY) bench/cache_bench.py
 bench-gateway: install assets
 	$(PY) bench/gateway_bench.py
 bench-abuse: install assets

@@ -104,6 +104,7 @@ class CompletionPipeline:
         generated: dict[int, int] = {}  # completion -> its generated tokens, once it has finished
         stopped_early = False
         first = True
+        cached_prompt = 0
         async for model_chunk in model_stream:
             index = model_chunk.index
             if index in generated or not 0 <= index < request.n:
@@ -126,6 +127,8 @@ class CompletionPipeline:
                 if request.n == 1:
                     model_stream.cancel()  # at once: the model's slot is free for others
             elif model_chunk.finish_reason:
+                if index == 0:  # the prompt is computed once, by completion 0
+                    cached_prompt = model_chunk.cached_prompt_tokens
                 shaper.end(await decoder.finish(), model_chunk.finish_reason, model_chunk.generated_tokens, chunk)
             metrics.generated_tokens.inc(len(model_chunk.token_ids))
             if chunk.finish is not None:
@@ -135,7 +138,7 @@ class CompletionPipeline:
                          prompt_tokens=chunk.finish.prompt_tokens, generated_tokens=chunk.finish.generated_tokens,
                          seconds=round(time.perf_counter() - started, 4))
                 if len(generated) == request.n:
-                    chunk.usage = Usage(len(prepared.prompt_token_ids), sum(generated.values()))
+                    chunk.usage = Usage(len(prepared.prompt_token_ids), sum(generated.values()), cached_prompt)
             if not chunk.is_empty():
                 yield chunk
             if len(generated) == request.n:

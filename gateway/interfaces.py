@@ -45,6 +45,7 @@ class ModelChunk:
     top_logprobs: list[list[Candidate]]
     finish_reason: str = ""  # a FinishReason name; "" until the last message
     generated_tokens: int = 0  # usage, last message only
+    cached_prompt_tokens: int = 0  # usage, last message only: prompt tokens the model service had cached
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[Candidate]] = field(default_factory=list)
     index: int = 0  # which of the request's n completions

@@ -84,6 +84,7 @@ def fill(response: gateway_pb2.GenerateResponse | gateway_pb2.GenerateStreamResp
     if chunk.usage is not None:
         response.usage.prompt_tokens = chunk.usage.prompt_tokens
         response.usage.generated_tokens = chunk.usage.generated_tokens
+        response.usage.cached_prompt_tokens = chunk.usage.cached_prompt_tokens
     if chunk.echo is not None:
         response.prompt_text = chunk.echo.text
         response.prompt_token_ids.extend(chunk.echo.token_ids)

@@ -48,6 +48,7 @@ class Usage:
 
     prompt_tokens: int
     generated_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the model service's prefix cache
 
 
 @dataclass

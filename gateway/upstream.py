@@ -334,6 +334,7 @@ class ModelStream:
                     top_logprobs=_candidates(reply.top_logprobs),
                     finish_reason=common_pb2.FinishReason.Name(reply.finish_reason) if reply.finish_reason else "",
                     generated_tokens=reply.usage.generated_tokens,
+                    cached_prompt_tokens=reply.usage.cached_prompt_tokens,
                     prompt_logprobs=list(reply.prompt_logprobs),
                     prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),
                     index=reply.index,

@@ -116,6 +116,15 @@ def stack() -> Iterator[Stack]:
     stack.close()
 
 
+def uncached(response: gateway_pb2.GenerateResponse) -> gateway_pb2.GenerateResponse:
+    """The response without usage.cached_prompt_tokens, which depends on what ran before (the model
+    service's prefix cache), for comparing outputs of repeated requests."""
+    copy = type(response)()
+    copy.CopyFrom(response)
+    copy.usage.cached_prompt_tokens = 0
+    return copy
+
+
 def joined(responses: list[gateway_pb2.GenerateStreamResponse]) -> gateway_pb2.GenerateResponse:
     """Streamed responses joined the way unary Generate returns them (same field numbers)."""
     result = gateway_pb2.GenerateResponse()

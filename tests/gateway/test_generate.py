@@ -15,7 +15,7 @@ from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2
 
-from .conftest import GREEDY, PARIS, Stack, joined
+from .conftest import GREEDY, PARIS, Stack, joined, uncached
 
 PARIS_ANSWER = "The capital of France is Paris."
 STOP_SEQUENCE = common_pb2.FINISH_REASON_STOP_SEQUENCE
@@ -43,7 +43,9 @@ def test_paris_greedy_chat(stack: Stack, paris_answer: gateway_pb2.GenerateRespo
 def test_stream_equals_unary_greedy(stack: Stack, paris_answer: gateway_pb2.GenerateResponse):
     responses = stack.stream(paris())
     assert len([r for r in responses if r.text]) > 1  # it streams, it does not arrive in one piece
-    assert joined(responses) == paris_answer
+    assert uncached(joined(responses)) == uncached(paris_answer)
+    # The same chat again: its prompt comes from the model service's prefix cache, all but the last token's block.
+    assert joined(responses).usage.cached_prompt_tokens == (paris_answer.usage.prompt_tokens - 1) // 16 * 16 > 0
     assert all(r.finish_reason == 0 for r in responses[:-1]) and responses[-1].finish_reason != 0
 
 
@@ -94,7 +96,7 @@ def test_stop_sequence_split_across_deltas(stack: Stack, paris_answer: gateway_p
     assert list(result.token_ids) == list(paris_answer.token_ids[:4])  # " is" reaches into the stop
     assert result.usage.generated_tokens == 6  # up to " Paris", which completed it
     assert not any("is" in r.text for r in responses)  # held back, then dropped
-    assert stack.stub.Generate(paris(stop_sequences=["is Par"]), timeout=120) == result
+    assert uncached(stack.stub.Generate(paris(stop_sequences=["is Par"]), timeout=120)) == uncached(result)
 
 
 def test_stop_sequence_inside_a_token(stack: Stack, paris_answer: gateway_pb2.GenerateResponse):
@@ -111,7 +113,7 @@ def test_stop_sequence_at_the_very_start(stack: Stack):
 
 def test_stop_sequence_never_matched(stack: Stack, paris_answer: gateway_pb2.GenerateResponse):
     result = stack.stub.Generate(paris(stop_sequences=["Berlin", "Paris!", "\n\n"]), timeout=120)
-    assert result == paris_answer
+    assert uncached(result) == uncached(paris_answer)
 
 
 def test_several_stop_sequences_first_to_complete_wins(stack: Stack):
@@ -169,7 +171,7 @@ def test_echo_returns_the_prompt_with_its_logprobs(stack: Stack):
     assert first.prompt_logprobs[0] == 0 and all(lp < 0 for lp in first.prompt_logprobs[1:])
     assert all(not r.prompt_token_ids and not r.prompt_text for r in responses[1:])
     unary = stack.stub.Generate(gateway_pb2.GenerateRequest.FromString(request.SerializeToString()), timeout=120)
-    assert joined(responses) == unary
+    assert uncached(joined(responses)) == uncached(unary)
 
 
 def test_tokenize_and_info(stack: Stack):
