@@ -99,14 +99,15 @@ def ttft(proc: ServiceProcess, system_len: int, families: int) -> tuple[float, f
     return asyncio.run(run())
 
 
-def concurrency(proc: ServiceProcess, n_requests: int) -> tuple[float, float, int, float]:
+def concurrency(proc: ServiceProcess, n_requests: int, quick: bool = False) -> tuple[float, float, int, float]:
     """(peak running sequences, mean while busy, preemptions, wall seconds)."""
     rng = random.Random(2)
 
     def log_uniform(low: int, high: int) -> int:
         return int(math.exp(rng.uniform(math.log(low), math.log(high))))
 
-    reqs = [request(tokens(rng, log_uniform(30, 1000)), log_uniform(20, 200)) for _ in range(n_requests)]
+    prompt_max, output_max = (300, 40) if quick else (1000, 200)
+    reqs = [request(tokens(rng, log_uniform(30, prompt_max)), log_uniform(20, output_max)) for _ in range(n_requests)]
     samples: list[float] = []
     done = threading.Event()
 
@@ -164,7 +165,7 @@ def main() -> None:
         cold, warm, hits = ttft(proc, system_len, 2 if q else 3)
         rows.append(("TTFT, shared system prompt", f"first {cold * 1000:.0f} ms, second {warm * 1000:.0f} ms "
                      f"({cold / warm:.1f}x; {hits} of {system_len + 20} prompt tokens from the cache)"))
-        peak, mean, preempted, wall = concurrency(proc, 24 if q else 160)
+        peak, mean, preempted, wall = concurrency(proc, 12 if q else 160, q)
         rows.append(("concurrent sequences in 16 x 2048 slots' memory",
                      f"peak {peak:.0f}, mean {mean:.1f} while busy (slot cache: 16; {preempted} preemptions, "
                      f"{wall:.0f} s)"))
