@@ -167,26 +167,28 @@ def _messages(text: str) -> list[common_pb2.Message]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_json_schema_through_the_gateway_unary_and_streamed(stack, temperature):
+@pytest.mark.parametrize("temperature,streamed", [(0.0, False), (1.0, True)])
+def test_json_schema_through_the_gateway_unary_and_streamed(stack, temperature, streamed):
     request = gateway_pb2.GenerateRequest(
         messages=_messages(INVOICE_TEXT), n=2,
         sampling=common_pb2.SamplingParams(temperature=temperature, seed=7),
         stopping=common_pb2.StoppingCriteria(max_new_tokens=150),
         constraint=common_pb2.Constraint(json_schema=json.dumps(INVOICE_SCHEMA)))
-    unary = stack.stub.Generate(request, timeout=600)
-    streamed = stack.stream(request, timeout=600)
-    assert [c.index for c in unary.completions] == [0, 1]
-    assert unary.text == unary.completions[0].text
-    for completion in unary.completions:
-        assert completion.finish_reason == common_pb2.FINISH_REASON_STOP_TOKEN
-        jsonschema.validate(json.loads(completion.text), INVOICE_SCHEMA)
-    assert unary.usage.generated_tokens == sum(c.generated_tokens for c in unary.completions)
-    for index in (0, 1):  # (the same set as unary only with batch-invariant weights: test_server_options.py)
-        text = "".join(m.text for m in streamed if m.index == index)
-        jsonschema.validate(json.loads(text), INVOICE_SCHEMA)
-    assert [m.finish_reason for m in streamed if m.finish_reason] == [common_pb2.FINISH_REASON_STOP_TOKEN] * 2
-    assert [m.usage.generated_tokens for m in streamed if m.HasField("usage")] == [unary.usage.generated_tokens]
+    if not streamed:
+        unary = stack.stub.Generate(request, timeout=600)
+        assert [c.index for c in unary.completions] == [0, 1]
+        assert unary.text == unary.completions[0].text
+        for completion in unary.completions:
+            assert completion.finish_reason == common_pb2.FINISH_REASON_STOP_TOKEN
+            jsonschema.validate(json.loads(completion.text), INVOICE_SCHEMA)
+        assert unary.usage.generated_tokens == sum(c.generated_tokens for c in unary.completions)
+        return
+    messages = stack.stream(request, timeout=600)
+    for index in (0, 1):
+        jsonschema.validate(json.loads("".join(m.text for m in messages if m.index == index)), INVOICE_SCHEMA)
+    assert [m.finish_reason for m in messages if m.finish_reason] == [common_pb2.FINISH_REASON_STOP_TOKEN] * 2
+    usage = [m.usage.generated_tokens for m in messages if m.HasField("usage")]
+    assert usage == [sum(len(m.token_ids) for m in messages)] and messages[-1].HasField("usage")
 
 
 @pytest.mark.slow
