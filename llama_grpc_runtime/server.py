@@ -36,7 +36,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .auth import TokenFile, check_bearer
 from .context import REQUEST_ID_HEADER, new_request_id, reset_request_id, set_request_id
-from .errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unauthenticated, short, status_of
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    short,
+    status_of,
+)
 from .flags import MAX_MESSAGE_BYTES, ServerConfig
 from .metrics import request_metrics, serve_metrics
 from .reflection import enable_server_reflection
@@ -62,6 +70,7 @@ class _Policy:
         self.max_concurrent_rpcs = config.max_concurrent_rpcs
         self.stall_timeout = config.stall_timeout or None
         self.in_flight = 0
+        self.draining = False  # set on SIGTERM: new calls are refused, running ones finish
 
     def refusal(self, metadata: Any) -> str | None:
         """Why this call's credentials are refused (None: accepted, or no tokens required)."""
@@ -130,6 +139,8 @@ class _Call:
         refusal = self.policy.refusal(self.context.invocation_metadata())
         if refusal is not None:
             raise Unauthenticated(refusal)
+        if self.policy.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
         limit = self.policy.max_concurrent_rpcs
         if limit and self.policy.in_flight >= limit:
             raise ResourceExhausted(f"the server is at its limit of {limit} concurrent calls "
@@ -366,8 +377,14 @@ class GrpcServer:
         await self._stopping.wait()
         log.info("draining", grace_period=self.config.grace_period)
         await self.health.enter_graceful_shutdown()
+        self.policy.draining = True
         if drain is not None:
             await drain()
-        await self.server.stop(self.config.grace_period)
+        # Running calls finish before the server stops: grpc.aio's stop() would cancel a handler
+        # that is itself waiting on a client call (the gateway's upstream streams) at once.
+        deadline = time.monotonic() + self.config.grace_period
+        while self.policy.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         log.info("stopped", exit_code=self.exit_code)
         return self.exit_code
