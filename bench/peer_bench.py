@@ -6,7 +6,7 @@
 Same file for everyone: the embedded SmolLM2-135M-Instruct Q4_1 GGUF unless --checkpoint. llama.cpp
 (llama-cpp-python, 2 threads) runs the file's blocks; llama-grpc serves them natively (packed int4 /
 int8, its default); transformers cannot run GGUF blocks, so it gets the dequantised float32 weights
-(a safetensors copy written by model_service.make_checkpoint), which is the best it can do on CPU.
+(a safetensors copy written by llama_grpc_devtools.make_checkpoint), which is the best it can do on CPU.
 
 Columns: llama.cpp; HF transformers (``generate``); llama-grpc in-process (the model core's forward in a
 loop, no engine, no gRPC); llama-grpc model service (gRPC straight to it); llama-grpc full stack
@@ -323,7 +323,7 @@ def main() -> None:
         results["llama_cpp"] = llama_cpp(checkpoint, ids, 2 * ns.new_tokens)
         print(f"  llama.cpp done ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if "hf" not in skip:
-        from model_service.make_checkpoint import write_checkpoint
+        from llama_grpc_devtools.make_checkpoint import write_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="peer-bench-") as tmp:
             hf_path = write_checkpoint(Path(tmp) / "hf", "hf", source=checkpoint, dtype=torch.float32)
