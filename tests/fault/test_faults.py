@@ -23,7 +23,7 @@ from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
-from tests.gateway.conftest import metric, start_gateway, start_model, start_tokenizer
+from tests.gateway.conftest import health, metric, start_gateway, start_model, start_tokenizer
 
 STORY = [common_pb2.Message(role="user", content="Write a very long story about a dragon who learns to cook.")]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -37,14 +37,6 @@ def long_request(max_new_tokens: int = 400, seed: int = 0) -> gateway_pb2.Genera
     return gateway_pb2.GenerateStreamRequest(
         messages=STORY, sampling=common_pb2.SamplingParams(temperature=1.0, seed=seed),
         stopping=common_pb2.StoppingCriteria(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens))
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError:
-            return -1
 
 
 def wait_for(predicate, timeout: float, what: str) -> float:  # noqa: ANN001

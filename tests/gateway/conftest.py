@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
@@ -36,6 +37,15 @@ def start_tokenizer(*extra: str, port: int | None = None, metrics_port: int | No
 def start_gateway(tokenizer_address: str, model_address: str, *extra: str) -> ServiceProcess:
     return ServiceProcess("gateway", "--tokenizer-address", tokenizer_address, "--model-address", model_address,
                           "--health-interval", "0.2", "--log-level", "debug", *extra)
+
+
+def health(address: str) -> int:
+    """The server's overall health status (-1 when it does not answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return -1
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -6,25 +6,17 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from llama_grpc_devtools.process import ServiceProcess, free_port
 from llama_grpc_runtime.assets import llama3_tokenizer_path
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from .conftest import GREEDY, PARIS, Stack, metric, start_gateway, start_model, start_tokenizer
+from .conftest import GREEDY, PARIS, Stack, health, metric, start_gateway, start_model, start_tokenizer
 
 SHORT = gateway_pb2.GenerateRequest(messages=PARIS, sampling=GREEDY,
                                     stopping=common_pb2.StoppingCriteria(max_new_tokens=3))
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-        except grpc.RpcError:
-            return -1
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "") -> None:  # noqa: ANN001
