@@ -362,18 +362,15 @@ class Engine:
         """Queue completions of one prompt (``n``): the first computes the prompt, and in the step that
         completes it the others fork from it (``Scheduler.fork``: they share its prompt blocks).
 
-        Requests that may not reuse blocks (seeded samples, prompt logprobs) run side by side instead:
-        decode attention rounds differently with the batch's longest sequence, so only a group
-        whose members advance in lockstep gives the same seeded tokens every time.
+        Seeded groups fork too: the forks join at a step fixed by the schedule, never by timing, so
+        the same group gives the same tokens every time (the prompt blocks are the group's own, not
+        another request's, which ``_may_reuse_blocks`` rules out for seeded requests).
         """
         reqs = [self._prepare(request) for request in requests]
         if len({tuple(req.seq.tokens) for req in reqs}) > 1:
             raise ValueError("submit_group() takes completions of one prompt")
         first = reqs[0]
-        if first.seq.use_prefix_cache:
-            first.siblings, reqs_now = reqs[1:], [first]
-        else:  # all together, in lockstep (see _may_reuse_blocks): a seeded group stays reproducible
-            reqs_now = reqs
+        first.siblings, reqs_now = reqs[1:], [first]
         with self._cond:
             if self._failure is not None:
                 raise Unavailable("the model engine failed and the service is restarting; retry shortly")

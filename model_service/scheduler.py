@@ -15,12 +15,14 @@ front of the queue with every token it has, and it is later resumed by recomputi
 blocks are usually still in the prefix cache, so it recomputes little). Greedy output is the same
 as without preemption, and a seeded sample too (nothing is sampled twice).
 
-**Prefix cache**: a block whose tokens are all computed is named by a hash of its tokens and of
-every token before it (its parent block's hash). A new (or resumed) sequence reuses every cached
-full block of its tokens, except that the last known token is always recomputed (its logits give
-the next token); blocks are reference-counted, and unreferenced ones stay cached until the pool
-needs them, least recently used first. A conversation's next turn therefore reuses the previous
-turn's prompt and answer.
+**Prefix cache**: a block whose tokens are all computed is named by a SHA-256 digest of its tokens
+and of every token before it (its parent block's digest; ``block_keys``): a cryptographic hash,
+since a collision would hand one request another's keys and values (Python's ``hash`` of a tuple of
+ints is 64 bits and unkeyed, so colliding prompts could be crafted). A new (or resumed) sequence
+reuses every cached full block of its tokens, except that the last known token is always recomputed
+(its logits give the next token); blocks are reference-counted, and unreferenced ones stay cached
+until the pool needs them, least recently used first. A conversation's next turn therefore reuses
+the previous turn's prompt and answer.
 
 **Several completions of one prompt** (``n``): ``add`` the first sequence; in the step in which
 its prompt completes (after ``advance``, ``seq.prefilled``), call ``fork(parent, child)`` for each
@@ -36,6 +38,8 @@ Plain Python: no tensors, no threads, no protobuf.
 from __future__ import annotations
 
 import enum
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,7 +76,7 @@ class Sequence:
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
-    _block_keys: list[int] = field(default_factory=list, repr=False)  # hash of each full block, in order
+    _block_keys: list[bytes] = field(default_factory=list, repr=False)  # name of each full block, in order
     _num_registered: int = 0  # leading blocks of block_table already named in the prefix cache
 
     @property
@@ -110,8 +114,17 @@ class StepPlan:
     preempted: list[Sequence]  # sent back to the queue; they recompute their tokens when resumed
 
 
-def _block_key(parent: int | None, tokens: list[int]) -> int:
-    return hash((parent, tuple(tokens)))
+def block_keys(tokens: list[int], block_size: int, parents: list[bytes] | None = None) -> list[bytes]:
+    """The name of each full block of ``tokens``: SHA-256 of the parent block's name and the block's ids.
+
+    ``parents``: names already known for the leading blocks (extended in place and returned).
+    """
+    keys = [] if parents is None else parents
+    for i in range(len(keys), len(tokens) // block_size):
+        digest = hashlib.sha256(keys[-1] if keys else b"")
+        digest.update(array("I", tokens[i * block_size:(i + 1) * block_size]).tobytes())
+        keys.append(digest.digest())
+    return keys
 
 
 class BlockPool:
@@ -122,8 +135,8 @@ class BlockPool:
         self.prefix_cache = prefix_cache
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out block 0 first
         self._refs = [0] * num_blocks
-        self._key_of: list[int | None] = [None] * num_blocks
-        self._cached: dict[int, int] = {}  # block key -> block
+        self._key_of: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # block name -> block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
 
     @property
@@ -166,7 +179,7 @@ class BlockPool:
             del self._evictable[block]
         self._refs[block] += 1
 
-    def lookup(self, keys: list[int]) -> list[int]:
+    def lookup(self, keys: list[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of ``keys`` (each key names its whole prefix)."""
         hits = []
         for key in keys:
@@ -176,7 +189,7 @@ class BlockPool:
             hits.append(block)
         return hits
 
-    def register(self, block: int, key: int) -> None:
+    def register(self, block: int, key: bytes) -> None:
         """``block`` is full and holds what ``key`` names; later sequences may reuse it."""
         if self.prefix_cache and key not in self._cached and self._key_of[block] is None:
             self._cached[key] = block
@@ -386,13 +399,11 @@ class Scheduler:
         seq.num_cached = 0
         seq._num_registered = 0
 
-    def _keys(self, seq: Sequence, n_blocks: int) -> list[int]:
-        """Hash of each of the first ``n_blocks`` full blocks of ``seq.tokens`` (memoised on the sequence)."""
-        keys, size = seq._block_keys, self.block_size
-        while len(keys) < n_blocks:
-            i = len(keys)
-            keys.append(_block_key(keys[-1] if keys else None, seq.tokens[i * size:(i + 1) * size]))
-        return keys[:n_blocks]
+    def _keys(self, seq: Sequence, n_blocks: int) -> list[bytes]:
+        """Names of the first ``n_blocks`` full blocks of ``seq.tokens`` (memoised on the sequence)."""
+        if len(seq._block_keys) < n_blocks:
+            block_keys(seq.tokens[:n_blocks * self.block_size], self.block_size, seq._block_keys)
+        return seq._block_keys[:n_blocks]
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         full = seq.num_cached // self.block_size

@@ -466,8 +466,9 @@ def test_a_request_that_can_never_fit_the_cache_is_refused_with_both_numbers(pag
 
 
 def test_a_group_forks_from_the_first_and_seeded_groups_are_reproducible(paged_model):
-    """n completions: greedy siblings share the first's prompt blocks; a seeded group runs in lockstep
-    and gives the same tokens every time, with the prefix cache on or off."""
+    """n completions: siblings share the first's prompt blocks, greedy and seeded; a seeded group gives
+    the same tokens every time, with the prefix cache on or off (a seeded request never reuses other
+    requests' blocks, only its own group's)."""
     seeded = [GenerationRequest(SHARED, SamplingParams(temperature=1.0, seed=seed), max_new_tokens=12)
               for seed in (1, 2, 3)]
     greedy_group = [GenerationRequest(SHARED, GREEDY, max_new_tokens=6) for _ in range(3)]
@@ -495,7 +496,7 @@ def test_a_group_forks_from_the_first_and_seeded_groups_are_reproducible(paged_m
         uncached.stop()
     assert [t for t, _ in first] == [t for t, _ in second] == [t for t, _ in without]
     assert len({tuple(t) for t, _ in first}) > 1
-    assert [hits for _, hits in first + second] == [0] * 6
+    assert [hits for _, hits in first + second] == [0, 20, 20] * 2
     expected = paged_reference(paged_model, SHARED, 6)
     # Forks share the first's blocks even without the prefix cache.
     assert greedy_cached == [(expected, 0), (expected, 20), (expected, 20)]

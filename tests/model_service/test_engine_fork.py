@@ -2,9 +2,8 @@
 cached prompt blocks.
 
 Truths: the same requests submitted independently (each computing its own prompt, prefix cache
-off) give the same tokens, greedy and seeded; greedy forks feed the forward (n - 1) x (the prompt's
-full blocks, all but its last token) fewer tokens; a seeded group runs in lockstep instead (see
-``Engine._may_reuse_blocks``).
+off) give the same tokens, greedy and seeded; forks feed the forward (n - 1) x (the prompt's full
+blocks, all but its last token) fewer tokens, seeded groups too.
 """
 
 from __future__ import annotations
@@ -62,8 +61,7 @@ def test_forks_equal_independent_completions_and_skip_the_prompt(model, sampling
     alone, fed_alone = run_group(model, requests, fork=False)
     assert forked == alone
     assert all(len(tokens) == 6 for tokens in forked)
-    shared = 0 if sampling.seed is not None and sampling.temperature else 16  # a seeded group: lockstep
-    assert fed_alone - fed_forked == (n - 1) * shared
+    assert fed_alone - fed_forked == (n - 1) * 16  # seeded or greedy, every fork skips the shared block
     if sampling.temperature:
         assert len({tuple(t) for t in forked}) > 1  # the derived seeds differ
 

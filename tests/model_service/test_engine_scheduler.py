@@ -5,11 +5,14 @@ preemption that frees blocks and resumes with every token, forks, stop checks.""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from model_service.scheduler import FinishReason, Scheduler, Sequence, Status
+from model_service.scheduler import FinishReason, Scheduler, Sequence, Status, block_keys
 
 BS = 4  # block size in these tests
 
@@ -291,3 +294,28 @@ def test_fork_shares_the_prompt_blocks_and_recomputes_the_partial_one():
 def test_a_request_bigger_than_the_pool_is_never_admitted_by_itself():
     scheduler = make(num_blocks=2)
     assert scheduler.max_seq_len == 8  # the engine refuses prompts this long up front
+
+
+token_lists = st.lists(st.integers(0, 2**31 - 1), max_size=40)
+
+
+@given(token_lists, token_lists, st.integers(1, 8))
+def test_block_names_are_equal_exactly_when_the_whole_prefix_is(a, b, size):
+    """Block i of two sequences has the same name iff their first (i + 1) * size tokens are equal; the
+    names are 32-byte digests, and extending known names gives what naming all at once gives."""
+    keys_a, keys_b = block_keys(a, size), block_keys(b, size)
+    assert len(keys_a) == len(a) // size and all(len(key) == 32 for key in keys_a)
+    for i, (key_a, key_b) in enumerate(zip(keys_a, keys_b, strict=False)):
+        assert (key_a == key_b) == (a[:(i + 1) * size] == b[:(i + 1) * size])
+    assert block_keys(a, size, block_keys(a[:size * (len(a) // size // 2)], size)) == keys_a
+
+
+def test_block_names_do_not_collide_where_pythons_hash_does():
+    """hash() of small ints is the int itself, and -1 hashes like -2: tuples differing that way share a
+    64-bit hash. Token ids are non-negative, but the names must not rest on hash()'s properties at all:
+    a name is the SHA-256 of its parent's name and the block's ids as 32-bit words (checked here
+    against hashlib directly)."""
+    assert hash((None, (-1,))) == hash((None, (-2,)))  # why hash() was never fit to name blocks
+    first = hashlib.sha256(b"" + (5).to_bytes(4, "little") + (6).to_bytes(4, "little")).digest()
+    second = hashlib.sha256(first + (7).to_bytes(4, "little") + (8).to_bytes(4, "little")).digest()
+    assert block_keys([5, 6, 7, 8, 9], 2) == [first, second]
