@@ -12,11 +12,16 @@ A template comes from a model file, which may be hostile: besides the sandbox, a
 characters per character of input; no number argument above ``MAX_TEMPLATE_INT``), checked before
 an operation allocates where it can be (``*``, ``**``, ``+``, ``~``, ``%``, ``replace``, widths,
 indents, format strings) and on every template line and Python call otherwise. Over budget is an ``InvalidArgument`` naming it.
+
+``TemplateRenderer`` (template -> ``RenderedChat``) needs no tokenizer: the service runs it in worker
+processes (template_workers.py), so a template that escapes the budget still never holds the
+server's GIL; ``JinjaChatFormat.encode`` then turns the rendering into ids in the server.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import operator
 import re
@@ -24,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +40,7 @@ from jinja2.nodes import Concat, EvalContext
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llama_grpc_runtime.errors import InvalidArgument
+from llama_grpc_runtime.errors import InvalidArgument, short
 from model_files.chat import JINJA_CHAT_FORMAT
 
 from .chat_format import ChatPrompt
@@ -104,7 +110,12 @@ def _size(value: Any) -> int:
 def _check_ints(args: tuple, kwargs: dict) -> None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_INT:
-            raise TemplateBudgetExceeded(f"number {value} is larger than the limit of {MAX_TEMPLATE_INT}")
+            raise TemplateBudgetExceeded(f"number {_short_int(value)} is larger than the limit of {MAX_TEMPLATE_INT}")
+
+
+def _short_int(value: int) -> str:
+    """A number for a message: Python refuses to print one of more than 4300 digits."""
+    return str(value) if abs(value) < 10**30 else f"of about {int(abs(value).bit_length() / 3.32)} digits"
 
 
 def _check_result(value: Any, what: str) -> Any:
@@ -124,6 +135,8 @@ def _predicted_size(op: str, left: Any, right: Any) -> int:
         for sequence, times in ((left, right), (right, left)):
             if _size(sequence) and isinstance(times, int):
                 return _size(sequence) * max(times, 0)
+    if op == "*" and isinstance(left, int) and isinstance(right, int):  # digits of the product: squaring
+        return int((abs(left).bit_length() + abs(right).bit_length()) / 3.3)  # doubles them, unchecked otherwise
     if op == "+":
         return _size(left) + _size(right)
     if op == "%" and isinstance(left, str):
@@ -238,26 +251,46 @@ def template_environment() -> ImmutableSandboxedEnvironment:
 def _marker_pair(texts: list[str]) -> tuple[str, str]:
     """Two characters from the supplementary private-use planes that occur in none of ``texts``."""
     used = set().union(*map(set, texts))
-    free = (chr(c) for c in (*range(0xF0000, 0xFFFFE), *range(0x100000, 0x10FFFE)) if chr(c) not in used)
+    # A lazy chain: building the 131k candidates up front would cost milliseconds a call.
+    free = (chr(c) for c in itertools.chain(range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE)) if chr(c) not in used)
     try:
         return next(free), next(free)
     except StopIteration:
         raise InvalidArgument("messages", "uses every private-use character; cannot mark content") from None
 
 
-class JinjaChatFormat:
-    name = JINJA_CHAT_FORMAT
+@dataclass(frozen=True)
+class TemplateSpec:
+    """Everything rendering a model's template needs, and nothing more: plain data, so it can be sent
+    once to each render worker process (template_workers.py), which then builds its own renderer."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab: Vocabulary) -> None:
-        assert vocab.chat_template is not None
-        self.tokenizer = tokenizer
-        self.source = vocab.chat_template
-        self.template = template_environment().from_string(vocab.chat_template)
-        self.variables = {"bos_token": vocab.bos_token, "eos_token": vocab.eos_token, **vocab.extra}
+    source: str
+    variables: dict[str, str]  # bos_token, eos_token, unk_token, ...
+    special_tokens: dict[str, int]  # text -> id, as the tokenizer has them
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A rendered chat before encoding: the text, and the same text as ordinary runs (to encode as
+    plain text) and the template's own special-token ids, in order."""
+
+    text: str
+    pieces: list[str | int]
+
+
+class TemplateRenderer:
+    """A compiled template in its sandbox: messages -> ``RenderedChat``. Holds no tokenizer (the
+    render workers hold only this); bad messages or an over-budget template raise InvalidArgument."""
+
+    def __init__(self, spec: TemplateSpec) -> None:
+        self.source = spec.source
+        self.template = template_environment().from_string(spec.source)
+        self.variables = spec.variables
+        self.special_tokens = spec.special_tokens
         # Longest first, so a special token that is a prefix of another never wins.
-        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        specials = sorted(spec.special_tokens, key=len, reverse=True)
         self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self.special_names = {token_id: text for text, token_id in tokenizer.special_tokens.items()}
+        self.special_names = {token_id: text for text, token_id in spec.special_tokens.items()}
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         input_chars = sum(len(message["role"]) + len(message["content"]) for message in messages)
@@ -277,9 +310,12 @@ class JinjaChatFormat:
             raise InvalidArgument("messages", f"the model's chat template refused them: {exc}") from exc
         except jinja2.TemplateError as exc:  # SecurityError, UndefinedError, ...: still about these messages
             raise InvalidArgument("messages", f"the model's chat template failed on them: {exc}") from exc
+        except (ArithmeticError, LookupError, TypeError, ValueError) as exc:  # {{ 1 / 0 }}, {{ 1 + 'a' }}, ...
+            raise InvalidArgument("messages", f"the model's chat template failed on them: {type(exc).__name__}: "
+                                  f"{short(str(exc), 200)}") from exc
 
-    def apply(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> ChatPrompt:
-        """Messages whose roles are already checked (chat_format.checked_messages) -> the prompt."""
+    def rendered_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> RenderedChat:
+        """Messages whose roles are already checked (chat_format.checked_messages) -> the rendering."""
         plain = [{"role": role, "content": content} for role, content in messages]
         text = self.render(plain, add_generation_prompt)
         open_mark, close_mark = _marker_pair([self.source, text, *(content for _, content in messages)])
@@ -288,13 +324,7 @@ class JinjaChatFormat:
         pieces = self._marked_pieces(self.render(marked, add_generation_prompt), open_mark, close_mark)
         if pieces is None or self._join(pieces) != text:
             pieces = self._unmarked_pieces(text, messages, add_generation_prompt)
-        token_ids: list[int] = []
-        for piece in pieces:
-            if isinstance(piece, int):
-                token_ids.append(piece)
-            else:
-                token_ids.extend(self.tokenizer.encode(piece))
-        return ChatPrompt(token_ids=token_ids, text=text)
+        return RenderedChat(text=text, pieces=pieces)
 
     def _split_specials(self, text: str) -> Iterator[str | int]:
         """``text`` as ordinary runs and special-token ids, in order."""
@@ -302,7 +332,7 @@ class JinjaChatFormat:
         if self.special_pattern is not None:
             for match in self.special_pattern.finditer(text):
                 yield text[position:match.start()]
-                yield self.tokenizer.special_tokens[match.group()]
+                yield self.special_tokens[match.group()]
                 position = match.end()
         yield text[position:]
 
@@ -343,6 +373,34 @@ class JinjaChatFormat:
 
     def _join(self, pieces: list[str | int]) -> str:
         return "".join(piece if isinstance(piece, str) else self.special_names[piece] for piece in pieces)
+
+
+class JinjaChatFormat:
+    """A model's own template as a chat format: render (``TemplateRenderer``, here or in a render
+    worker), then ``encode`` the rendering with the tokenizer."""
+
+    name = JINJA_CHAT_FORMAT
+
+    def __init__(self, tokenizer: Tokenizer, vocab: Vocabulary) -> None:
+        assert vocab.chat_template is not None
+        self.tokenizer = tokenizer
+        self.spec = TemplateSpec(source=vocab.chat_template,
+                                 variables={"bos_token": vocab.bos_token, "eos_token": vocab.eos_token, **vocab.extra},
+                                 special_tokens=dict(tokenizer.special_tokens))
+        self.renderer = TemplateRenderer(self.spec)  # compiled now: a template with a syntax error fails the load
+
+    def apply(self, messages: list[tuple[str, str]], add_generation_prompt: bool) -> ChatPrompt:
+        """Messages whose roles are already checked (chat_format.checked_messages) -> the prompt."""
+        return self.encode(self.renderer.rendered_chat(messages, add_generation_prompt))
+
+    def encode(self, rendered: RenderedChat) -> ChatPrompt:
+        token_ids: list[int] = []
+        for piece in rendered.pieces:
+            if isinstance(piece, int):
+                token_ids.append(piece)
+            else:
+                token_ids.extend(self.tokenizer.encode(piece))
+        return ChatPrompt(token_ids=token_ids, text=rendered.text)
 
 
 def _merge_text(pieces: list[str | int]) -> list[str | int]:

@@ -165,6 +165,18 @@ def test_format_string_escapes_of_old_jinja_are_closed(smollm_path: Path, templa
         tokenizer.apply_chat_template([("user", "hi")])
 
 
+@pytest.mark.parametrize(("template", "error"), [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{{ 7 ** 9000 }}", "ValueError: Exceeds the limit (4300 digits)"),
+])
+def test_python_errors_in_templates_are_invalid_argument(smollm_path: Path, template: str, error: str) -> None:
+    tokenizer = _with_template(smollm_path, template)
+    with pytest.raises(InvalidArgument, match="chat template failed on them") as caught:
+        tokenizer.apply_chat_template([("user", "hi")])
+    assert error in str(caught.value)
+
+
 @pytest.mark.timeout(60)  # without the budget each of these runs for hours or exhausts memory
 @pytest.mark.parametrize(("template", "reason"), [
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took more than"),
@@ -172,6 +184,9 @@ def test_format_string_escapes_of_old_jinja_are_closed(smollm_path: Path, templa
     ("{{ 'x' * 10000000000 }}", "* result"),
     ("{{ [1] * 100000 * 100000 }}", "* result"),
     ("{{ 9 ** (9 ** 9) }}", "** result"),
+    ("{% set ns = namespace(x=7) %}{% set ns.x = 7 ** 90000 %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+     "{% endfor %}", "* result"),
+    ("{% set ns = namespace(x=7 ** 90000) %}", "digits is larger than the limit"),
     ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
      "~ result"),
     ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
