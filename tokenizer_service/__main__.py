@@ -33,6 +33,13 @@ def parser() -> ServerArgumentParser:
     flags.add_flag("--threads", type=int, default=min(4, len(os.sched_getaffinity(0))),
                    help="worker threads for large requests; each holds its own tiktoken copy "
                         "(~36 MB for Llama 3)")
+    flags.add_flag("--chat-template-workers", type=int, default=2,
+                   help="processes that render a model's own Jinja chat template (started only for such a "
+                        "model), so a hostile template never runs in the server's process")
+    flags.add_flag("--chat-template-timeout", type=float, default=10.0,
+                   help="seconds one ApplyChatTemplate may render in a worker before the worker is killed and "
+                        "replaced (INVALID_ARGUMENT); the template's own budget, 2 s a rendering, usually ends "
+                        "a hostile template first")
     return flags
 
 
@@ -41,8 +48,14 @@ async def serve(argv: list[str] | None = None) -> int:
     configure_logging("tokenizer", args.log_level)
     if args.threads < 1:
         raise SystemExit("--threads must be at least 1")
+    if args.chat_template_workers < 1:
+        raise SystemExit("--chat-template-workers must be at least 1")
+    if not args.chat_template_timeout > 0:
+        raise SystemExit("--chat-template-timeout must be more than 0")
     servicer = TokenizerServicer(max_input_chars=args.max_input_chars, threads=args.threads,
-                                 max_decode_ids=args.max_decode_ids, max_chat_messages=args.max_chat_messages)
+                                 max_decode_ids=args.max_decode_ids, max_chat_messages=args.max_chat_messages,
+                                 template_workers=args.chat_template_workers,
+                                 template_timeout=args.chat_template_timeout)
     server = GrpcServer("tokenizer", from_flags(ServerConfig, args))
     server.add(tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server, servicer,
                tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name)
@@ -52,7 +65,10 @@ async def serve(argv: list[str] | None = None) -> int:
         log.info("tokenizer loaded", name=tokenizer.name, vocab_size=tokenizer.vocab_size,
                  chat_format=tokenizer.chat_format)
 
-    return await server.run(startup=startup)
+    try:
+        return await server.run(startup=startup)
+    finally:
+        servicer.close()
 
 
 def main() -> None:

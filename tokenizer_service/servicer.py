@@ -21,7 +21,10 @@ from llama_grpc_runtime.errors import InvalidArgument, Unavailable
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatTokenizer
+from .chat_format import checked_messages
+from .chat_template import JinjaChatFormat
 from .loader import load_tokenizer
+from .template_workers import TemplateWorkers
 
 # Work on fewer characters (or 4 x ids) than this runs on the event loop: a thread hop costs more.
 # Larger work goes to the worker threads (tiktoken releases the GIL), so concurrent calls use cores.
@@ -45,7 +48,7 @@ def token_metrics() -> TokenMetrics:
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, max_input_chars: int, threads: int, max_decode_ids: int = 1_000_000,
-                 max_chat_messages: int = 4096) -> None:
+                 max_chat_messages: int = 4096, template_workers: int = 2, template_timeout: float = 10.0) -> None:
         self.tokenizer: ChatTokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
         self.max_input_chars = max_input_chars
         self.max_decode_ids = max_decode_ids
@@ -54,6 +57,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.threads = threads
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenizer")
         self._encodes_in_flight = 0  # large Encode calls whose parts are with the workers
+        self.template_processes = template_workers
+        self.template_timeout = template_timeout
+        self.template_workers: TemplateWorkers | None = None  # started by load() for a Jinja chat template
 
     async def load(self, path: str | None) -> ChatTokenizer:
         """Load in a worker thread, then give every worker (and the loop's thread) its tiktoken
@@ -68,8 +74,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
         await asyncio.gather(*(loop.run_in_executor(self.pool, warm_up) for _ in range(self.threads)))
         tokenizer.encoding()
+        if isinstance(tokenizer.chat, JinjaChatFormat):
+            workers = TemplateWorkers(tokenizer.chat.spec, self.template_processes, self.template_timeout)
+            await loop.run_in_executor(self.pool, workers.start)
+            self.template_workers = workers
         self.tokenizer = tokenizer
         return tokenizer
+
+    def close(self) -> None:
+        """Stop the chat template workers (the server has stopped)."""
+        if self.template_workers is not None:
+            self.template_workers.close()
 
     def _ready(self) -> ChatTokenizer:
         if self.tokenizer is None:
@@ -160,10 +175,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         chars = sum(len(role) + len(content) for role, content in messages)  # roles count too
         self._check_size("messages", chars)
         add_generation_prompt = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-        # Always a worker thread: a model's own template may do a lot of work on small input (it has
-        # a time budget, see chat_template.py), and the event loop must keep answering health.
-        prompt = await asyncio.get_running_loop().run_in_executor(self.pool, lambda: tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt))
+        if self.template_workers is not None and isinstance(tokenizer.chat, JinjaChatFormat):
+            # A model's own template may do a lot of work on small input: it runs in another process,
+            # so that even a hostile one cannot hold this process's GIL (health must keep answering).
+            prompt = await self.template_workers.apply(tokenizer.chat, checked_messages(messages),
+                                                       add_generation_prompt)
+        else:  # Llama 3's ChatFormat (our own code: encodes each message) or no chat format (refused)
+            prompt = await self._run(chars, lambda: tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt))
         self.metrics.encoded.inc(len(prompt.token_ids))
         return tokenizer_pb2.ApplyChatTemplateResponse(token_ids=prompt.token_ids, text=prompt.text)
 

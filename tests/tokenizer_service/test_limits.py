@@ -69,13 +69,13 @@ def test_roles_count_with_content_against_the_input_limit(stub: tokenizer_pb2_gr
 
 def test_health_answers_while_hostile_chat_templates_run(tmp_path: Path, smollm_path: Path) -> None:
     """A model whose own chat template loops for ever: each call ends at the render budget with
-    INVALID_ARGUMENT, on worker threads, and health keeps answering meanwhile."""
+    INVALID_ARGUMENT, in the chat template worker processes, and health keeps answering meanwhile."""
     hf = hf_tokenizer_from_gguf.__wrapped__(smollm_path)
     hf.save(str(tmp_path / "tokenizer.json"))
     hostile = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": hostile}))
-    with ServiceProcess("tokenizer_service", "--tokenizer", str(tmp_path), "--threads", "2") as process:
+    with ServiceProcess("tokenizer_service", "--tokenizer", str(tmp_path), "--chat-template-workers", "2") as process:
         process.wait_healthy()
         with grpc.insecure_channel(process.address) as channel:
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
