@@ -6,9 +6,13 @@ Starts a tokenizer service (the shared runtime every server uses; Meta's Llama 3
 limits and, for each kind of abuse in turn, measures health Check latency from a separate client
 while the abuse runs: every concurrent-call slot held by streams (the next calls get
 RESOURCE_EXHAUSTED), a flood of unparseable and oversize requests from 8 threads, 4 streams whose
-clients stopped reading, and a second server whose model's chat template loops until its render
-budget ends it, on every worker thread. Prints p50 / p99 / max latency and the refusals each abuse
-got. The issue's target: health answers in < 100 ms.
+clients stopped reading; then a second server whose model's chat template loops, 4 calls at a time
+on its 2 chat template worker processes: once ended by the template's own 2 s budget, once by
+``--chat-template-timeout 0.5`` (each call's worker killed and a new one spawned). Prints p50 / p99 /
+max latency and the refusals each abuse got. The issue's target: health answers in < 100 ms.
+
+First, the cost of the normal case: ApplyChatTemplate latency of a short dialog on the embedded
+model (its GGUF Jinja template, rendered in a worker process), one call at a time.
 """
 
 from __future__ import annotations
@@ -120,6 +124,32 @@ def hostile_template(address: str, stop: threading.Event, codes: Counter) -> Non
                 codes[future.code().name] += 1
 
 
+DIALOG = [("system", "You are a helpful assistant."), ("user", "What is the capital of France?"),
+          ("assistant", "Paris."), ("user", "And of Italy? Answer in one word.")]
+
+
+def chat_latencies(address: str, samples: int) -> list[float]:
+    """ApplyChatTemplate of a short 4-message dialog, one call at a time (the normal, harmless case)."""
+    request = pb.ApplyChatTemplateRequest(messages=[common_pb2.Message(role=role, content=content)
+                                                    for role, content in DIALOG])
+    with grpc.insecure_channel(address) as channel:
+        stub = TokenizerServiceStub(channel)
+        for _ in range(20):  # connected and warm before timing
+            stub.ApplyChatTemplate(request, timeout=10)
+        latencies = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            stub.ApplyChatTemplate(request, timeout=10)
+            latencies.append(time.perf_counter() - started)
+    return sorted(latencies)
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and max of sorted latencies, in ms."""
+    return (statistics.median(latencies) * 1000, latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+            latencies[-1] * 1000)
+
+
 def measure(name: str, address: str, abuse: Callable | None, samples: int) -> dict:
     stop = threading.Event()
     codes: Counter = Counter()
@@ -132,8 +162,8 @@ def measure(name: str, address: str, abuse: Callable | None, samples: int) -> di
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
-    return {"abuse": name, "p50 ms": statistics.median(latencies) * 1000,
-            "p99 ms": latencies[int(len(latencies) * 0.99) - 1] * 1000, "max ms": latencies[-1] * 1000,
+    p50, p99, worst = percentiles(latencies)
+    return {"abuse": name, "p50 ms": p50, "p99 ms": p99, "max ms": worst,
             "refusals": ", ".join(f"{code} {count}" for code, count in codes.most_common() if code != "OK") or "-"}
 
 
@@ -151,9 +181,15 @@ def hostile_tokenizer_dir(directory: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200, help="health checks per abuse")
+    parser.add_argument("--chat-samples", type=int, default=500, help="ApplyChatTemplate calls timed")
     args = parser.parse_args()
     flags = ["--tokenizer", str(llama3_tokenizer_path()), "--max-concurrent-rpcs", str(MAX_CALLS),
              "--max-message-bytes", "100000", "--stall-timeout", "1"]
+    with ServiceProcess("tokenizer_service") as server:  # the embedded model: its GGUF Jinja template
+        server.wait_healthy()
+        chat = percentiles(chat_latencies(server.address, args.chat_samples))
+    print(f"\nApplyChatTemplate of a 4-message dialog on the embedded model (its own Jinja template), one call "
+          f"at a time ({args.chat_samples} calls): p50 {chat[0]:.2f} ms, p99 {chat[1]:.2f} ms, max {chat[2]:.2f} ms")
     rows = []
     with ServiceProcess("tokenizer_service", *flags) as server:
         server.wait_healthy()
@@ -161,17 +197,19 @@ def main() -> None:
                             ("unparseable + oversize flood, 8 threads", flood),
                             ("4 clients stopped reading", stalled_readers)):
             rows.append(measure(name, server.address, abuse, args.samples))
-    with tempfile.TemporaryDirectory() as tmp, \
-            ServiceProcess("tokenizer_service", "--tokenizer", str(hostile_tokenizer_dir(Path(tmp))),
-                           "--threads", "2") as server:
-        server.wait_healthy()
-        rows.append(measure("hostile chat template on every worker", server.address, hostile_template,
-                            args.samples))
+    with tempfile.TemporaryDirectory() as tmp:
+        hostile_dir = str(hostile_tokenizer_dir(Path(tmp)))
+        for name, flags in (("hostile chat template on every worker", []),
+                            ("the same, killed at --chat-template-timeout 0.5", ["--chat-template-timeout", "0.5"])):
+            with ServiceProcess("tokenizer_service", "--tokenizer", hostile_dir, "--chat-template-workers", "2",
+                                *flags) as server:
+                server.wait_healthy()
+                rows.append(measure(name, server.address, hostile_template, args.samples))
     print(f"\nhealth Check latency while a tokenizer service is abused ({args.samples} checks each)\n")
-    print(f"| {'abuse':<42} | p50 ms | p99 ms | max ms | refusals the abuse got |")
-    print(f"|{'-' * 44}|-------:|-------:|-------:|---|")
+    print(f"| {'abuse':<48} | p50 ms | p99 ms | max ms | refusals the abuse got |")
+    print(f"|{'-' * 50}|-------:|-------:|-------:|---|")
     for row in rows:
-        print(f"| {row['abuse']:<42} | {row['p50 ms']:6.1f} | {row['p99 ms']:6.1f} | {row['max ms']:6.1f} | "
+        print(f"| {row['abuse']:<48} | {row['p50 ms']:6.1f} | {row['p99 ms']:6.1f} | {row['max ms']:6.1f} | "
               f"{row['refusals']} |")
 
 
