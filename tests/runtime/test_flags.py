@@ -28,6 +28,8 @@ TWINS = {
     "--threads": ("LLAMA_TOKENIZER_THREADS", "3", "threads", 3),
     "--max-decode-ids": ("LLAMA_TOKENIZER_MAX_DECODE_IDS", "77", "max_decode_ids", 77),
     "--max-chat-messages": ("LLAMA_TOKENIZER_MAX_CHAT_MESSAGES", "9", "max_chat_messages", 9),
+    "--chat-template-workers": ("LLAMA_TOKENIZER_CHAT_TEMPLATE_WORKERS", "3", "chat_template_workers", 3),
+    "--chat-template-timeout": ("LLAMA_TOKENIZER_CHAT_TEMPLATE_TIMEOUT", "2.5", "chat_template_timeout", 2.5),
 }
 
 
@@ -41,6 +43,7 @@ def test_defaults_match_the_contract() -> None:
     args = parser().parse_args([])
     assert (args.host, args.port, args.metrics_port) == ("0.0.0.0", 50051, 9091)
     assert (args.log_level, args.grace_period, args.tokenizer) == ("info", 30.0, None)
+    assert (args.chat_template_workers, args.chat_template_timeout) == (2, 10.0)
 
 
 @pytest.mark.parametrize("flag", TWINS)
@@ -51,7 +54,8 @@ def test_env_twin_sets_the_flag_and_the_flag_wins(monkeypatch: pytest.MonkeyPatc
     explicit = {"--log-level": "error", "--port": "7", "--metrics-port": "8", "--grace-period": "9.5",
                 "--max-input-chars": "10", "--threads": "2", "--max-message-bytes": "11",
                 "--max-concurrent-rpcs": "12", "--stall-timeout": "13.0", "--max-decode-ids": "14",
-                "--max-chat-messages": "15"}.get(flag, "/explicit")
+                "--max-chat-messages": "15", "--chat-template-workers": "4",
+                "--chat-template-timeout": "16.0"}.get(flag, "/explicit")
     assert str(getattr(parser().parse_args([flag, explicit]), dest)) == explicit
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from llama_grpc_runtime.health import is_serving
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2 as pb
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2_grpc
+from tests import REPO
 from tests.tokenizer_service.hf_reference import gguf_fields, hf_tokenizer_from_gguf
 from tests.tokenizer_service.test_chat_template import DIALOGS, _jinja_render
 from tokenizer_service import ChatTokenizer, load_tokenizer
@@ -275,3 +278,13 @@ def test_no_worker_outlives_the_server(hostile_dir: Path, how: str) -> None:
                 process.wait(60)
             assert busy.exception(timeout=30) is not None
         assert wait_gone(started) == set(), process.log_text()[-3000:]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--chat-template-workers", "0"], "--chat-template-workers must be at least 1"),
+    (["--chat-template-timeout", "0"], "--chat-template-timeout must be more than 0"),
+])
+def test_worker_flags_are_checked_at_start_up(flags: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tokenizer_service", *flags, "--port", "0", "--metrics-port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and message in done.stderr
