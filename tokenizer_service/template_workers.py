@@ -16,10 +16,11 @@ request fails with a clear error and no other request notices. Not ``ProcessPool
 Python 3.14 it cannot kill one stuck task, and a killed worker breaks the whole pool, failing every
 render in flight.
 
-Workers are spawned (a fresh interpreter, not a fork of the threaded gRPC server) from one thread
-that lives as long as the pool, and ask the kernel for SIGKILL when it ends (``PR_SET_PDEATHSIG``):
-they die with the server even when it is killed with SIGKILL. An idle worker also exits when its
-pipe closes.
+Workers are spawned (a fresh interpreter, not a fork of the threaded gRPC server; like every
+multiprocessing child it imports the server's main module, ``tokenizer_service/__main__.py``, which
+only defines functions) from one thread that lives as long as the pool, and ask the kernel for
+SIGKILL when it ends (``PR_SET_PDEATHSIG``): they die with the server even when it is killed with
+SIGKILL. An idle worker also exits when its pipe closes.
 """
 
 from __future__ import annotations
