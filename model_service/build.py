@@ -32,6 +32,7 @@ from model_service.quant import (
     Int8Embedding,
     Int8Linear,
     compute_dtype_for,
+    fuse_linears,
     quantize_int4,
     quantize_int8,
 )
@@ -211,6 +212,19 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
     return describe(labels)
 
 
+def fuse_projections(model: Transformer) -> None:
+    """Each layer's wq/wk/wv as one matmul and w1/w3 (gate, up) as another: the same weights, fewer
+    calls (decode at small batches is per-call overhead). The separate layers are dropped."""
+    for layer in model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        wqkv = fuse_linears([attention.wq, attention.wk, attention.wv])
+        if wqkv is not None:
+            attention.wqkv, attention.wq, attention.wk, attention.wv = wqkv, None, None, None
+        w13 = fuse_linears([ffn.w1, ffn.w3])
+        if w13 is not None:
+            ffn.w13, ffn.w1, ffn.w3 = w13, None, None
+
+
 def describe(labels: list[str]) -> str:
     """``quantization`` in words: "none" when every weight is float, else each kind of layer with its count."""
     counts = {label: labels.count(label) for label in dict.fromkeys(labels) if label != "float"}
@@ -255,6 +269,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     with _default_dtype(dtype):
         model = Transformer(args)
     quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize)
+    fuse_projections(model)
     model.eval()
     if kv_block_size < 1:
         raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")

@@ -39,8 +39,8 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def precompute_freqs_cis(args: ModelArgs, end: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE rotations for positions [0, end): complex64 [end, head_dim // 2]."""
+def rope_frequencies(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE angle per position step of each (even, odd) pair of a head: float32 [head_dim // 2]."""
     dim = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))
     if args.use_scaled_rope:
@@ -53,16 +53,24 @@ def precompute_freqs_cis(args: ModelArgs, end: int, device: torch.device | str |
             args.rope_high_freq_factor - args.rope_low_freq_factor)
         blend = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         freqs = torch.where(blend, (1 - smooth) * scaled / args.rope_scaling_factor + smooth * scaled, scaled)
-    t = torch.arange(end, device=device, dtype=torch.float32)
-    angles = torch.outer(t, freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+    return freqs
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # x: [n_tokens, n_heads, head_dim]; freqs_cis: [n_tokens, head_dim // 2]
-    # Meta's layout: consecutive (even, odd) pairs of a head are one complex number.
-    x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(x_complex * freqs_cis[:, None, :]).flatten(2).type_as(x)
+def precompute_rope(args: ModelArgs, end: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE rotations for positions [0, end): (cos, sin) [end, head_dim // 2, 2], computed in float32 and
+    kept in the activation dtype, so applying them needs no complex numbers and no float round trip."""
+    angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), rope_frequencies(args, device))
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(dtype)
+
+
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    # x: [n_tokens, n_heads, head_dim]; rope: [n_tokens, head_dim // 2, 2] (cos, sin)
+    # Meta's layout: consecutive (even, odd) pairs of a head are one complex number, rotated by the angle.
+    pairs = x.unflatten(-1, (-1, 2))  # [n_tokens, n_heads, head_dim // 2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -112,6 +120,7 @@ class _Plan:
     cache_rows: torch.Tensor  # [n_tokens] row of every token's K/V in the flattened pool
     last_rows: torch.Tensor  # [n_seqs] index of each sequence's last token
     # Single-token (decode) sequences, attended in one SDPA call over their gathered blocks.
+    decode_only: bool  # every sequence decodes one token (then decode_rows is None: all of them)
     decode_rows: torch.Tensor | None  # [n_decode] token indices
     decode_blocks: torch.Tensor | slice | None  # [n_decode, n_blocks] tables, or a slice: one sequence, consecutive
     decode_len: int  # longest cache prefix among them
@@ -167,9 +176,10 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-    plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), None, None, 0, None, chunks)
+    decode_only = not chunks
+    plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), decode_only, None, None, 0, None, chunks)
     if decode_rows:
-        plan.decode_rows = tensor(decode_rows)
+        plan.decode_rows = None if decode_only else tensor(decode_rows)
         plan.decode_len = max(decode_pos) + 1
         if len(decode_tables) == 1:
             plan.decode_blocks = _blocks_index(decode_tables[0], device)
@@ -198,35 +208,38 @@ class Attention(nn.Module):
                                        init_method=_no_init)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=_no_init)
+        # wq, wk, wv as one layer (quant.fuse_linears; build() fuses after loading): one matmul, not three.
+        self.wqkv: nn.Module | None = None
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        # x: [n_tokens, dim]; freqs_cis: [n_tokens, head_dim // 2]
-        n_tokens = x.shape[0]
-        xq = self.wq(x).view(n_tokens, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(n_tokens, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(n_tokens, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+    def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x, queries and keys rotated: [n_tokens, heads, head_dim] each."""
+        # x: [n_tokens, dim]; rope: [n_tokens, head_dim // 2, 2]
+        n_tokens, heads, kv_heads = x.shape[0], self.n_local_heads, self.n_local_kv_heads
+        if self.wqkv is not None:
+            qkv = self.wqkv(x).view(n_tokens, heads + 2 * kv_heads, self.head_dim)
+            qk, xv = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads:]
+        else:
+            qk = torch.cat([self.wq(x).view(n_tokens, heads, self.head_dim),
+                            self.wk(x).view(n_tokens, kv_heads, self.head_dim)], 1)
+            xv = self.wv(x).view(n_tokens, kv_heads, self.head_dim)
+        qk = apply_rotary_emb(qk, rope)  # queries and keys in one rotation
+        return qk[:, :heads], qk[:, heads:], xv
 
+    def attend(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Write the new keys/values to the cache and attend over it: [n_tokens, heads * head_dim]."""
         assert self.cache is not None, "call setup_caches() before forward()"
+        n_tokens = xq.shape[0]
         cache_k, cache_v = self.cache.k, self.cache.v  # [num_blocks, block_size, n_local_kv_heads, head_dim]
         kv_shape = (-1, self.n_local_kv_heads, self.head_dim)
         cache_k.view(kv_shape)[plan.cache_rows] = xk
         cache_v.view(kv_shape)[plan.cache_rows] = xv
 
+        if plan.decode_only:  # every token decodes: attention's output is the whole result, no scatter
+            return self._attend_decode(xq, cache_k, cache_v, plan).view(n_tokens, -1)
         out = torch.empty_like(xq)  # [n_tokens, n_local_heads, head_dim]
         if plan.decode_rows is not None:
-            n_decode = plan.decode_rows.numel()
-            # [n_decode, decode_len, kv_heads, head_dim]: a view for one sequence in consecutive blocks,
-            # else the sequences' blocks gathered.
-            keys = cache_k[plan.decode_blocks].view(n_decode, -1, *kv_shape[1:])[:, : plan.decode_len]
-            values = cache_v[plan.decode_blocks].view(n_decode, -1, *kv_shape[1:])[:, : plan.decode_len]
-            # GQA without repeat_kv's copy: the n_rep query heads that share a KV head become that
-            # head's "query positions", so each cached K/V is read once (decode is memory-bound).
-            q = xq[plan.decode_rows].view(n_decode, self.n_local_kv_heads, self.n_rep, self.head_dim)
-            attn = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
-                                                  attn_mask=plan.decode_mask)
-            out[plan.decode_rows] = attn.reshape(n_decode, self.n_local_heads, self.head_dim)
+            out[plan.decode_rows] = self._attend_decode(xq[plan.decode_rows], cache_k, cache_v, plan)
         for first, length, blocks, end, mask in plan.chunks:
             chunk_k = cache_k[blocks].view(1, -1, *kv_shape[1:])[:, :end]  # [1, end, kv_heads, head_dim]
             chunk_v = cache_v[blocks].view(1, -1, *kv_shape[1:])[:, :end]
@@ -235,7 +248,26 @@ class Attention(nn.Module):
             q = xq[first: first + length].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
             out[first: first + length] = attn[0].transpose(0, 1)
-        return self.wo(out.view(n_tokens, -1))
+        return out.view(n_tokens, -1)
+
+    def _attend_decode(self, xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                       plan: _Plan) -> torch.Tensor:
+        # xq: [n_decode, heads, head_dim], one token per sequence -> [n_decode, heads, head_dim]
+        n_decode = xq.shape[0]
+        kv_shape = (self.n_local_kv_heads, self.head_dim)
+        # [n_decode, decode_len, kv_heads, head_dim]: a view for one sequence in consecutive blocks,
+        # else the sequences' blocks gathered.
+        keys = cache_k[plan.decode_blocks].view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
+        values = cache_v[plan.decode_blocks].view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
+        # GQA without repeat_kv's copy: the n_rep query heads that share a KV head become that
+        # head's "query positions", so each cached K/V is read once (decode is memory-bound).
+        q = xq.reshape(n_decode, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        attn = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                              attn_mask=plan.decode_mask)
+        return attn.reshape(n_decode, self.n_local_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        return self.wo(self.attend(*self.project(x, rope), plan))
 
 
 class FeedForward(nn.Module):
@@ -244,9 +276,14 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_no_init)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.w13: nn.Module | None = None  # w1 and w3 as one layer (gate and up), once build() fuses them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, -1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -258,9 +295,17 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, plan)
+    # The block in three parts: the dense ones (no cache, no plan: the same shapes for every layer) are
+    # what ``Transformer.compile`` compiles, once for all layers; attention over the cache stays eager.
+    def attention_input(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.attention.project(self.attention_norm(x), rope)
+
+    def attention_output(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention.wo(attn)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        return self.attention_output(x, self.attention.attend(*self.attention_input(x, rope), plan))
 
 
 class Transformer(nn.Module):
@@ -280,7 +325,10 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.num_blocks = 0
         self.block_size = 0
-        self.register_buffer("freqs_cis", None, persistent=False)
+        self.register_buffer("rope", None, persistent=False)
+        self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
+        self._attention_input = TransformerBlock.attention_input
+        self._attention_output = TransformerBlock.attention_output
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -300,7 +348,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
-        self.freqs_cis = precompute_freqs_cis(self.params, max_seq_len, device)
+        self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Cache bytes one token takes on this rank (keys and values of every layer)."""
@@ -314,15 +362,16 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """float32 logits: [n_seqs, vocab] for each sequence's last new token, or [n_tokens, vocab]."""
-        if self.freqs_cis is None:
+        if self.rope is None:
             raise RuntimeError("call setup_caches() before forward()")
-        device = self.freqs_cis.device
+        device = self.rope.device
         plan = _make_plan(batch, self.block_size, self.num_blocks, self.max_seq_len, device)
         tokens = batch.tokens.to(device, non_blocking=True)
         h = self.tok_embeddings(tokens)  # [n_tokens, dim]
-        freqs_cis = self.freqs_cis[plan.positions]  # [n_tokens, head_dim // 2]
+        rope = self.rope[plan.positions]  # [n_tokens, head_dim // 2, 2]
         for layer in self.layers:
-            h = layer(h, freqs_cis, plan)
+            xq, xk, xv = self._attention_input(layer, h, rope)
+            h = self._attention_output(layer, h, layer.attention.attend(xq, xk, xv, plan))
         if not all_logits:
             h = h[plan.last_rows]  # only the rows we need logits for: the output layer is the largest
         return self.output(self.norm(h)).float()

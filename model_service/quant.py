@@ -255,3 +255,61 @@ class Int8Embedding(nn.Module):
         if self._reduce:
             out = reduce_from_model_parallel_region(out.masked_fill(outside[..., None], 0))
         return out
+
+
+# ---- fused projections (QKV, gate/up) ---------------------------------------------------------------
+
+class FusedLinear(nn.Module):
+    """Float column-parallel layers side by side: ``y = x @ cat(weights).T`` (a column layer's input
+    needs no collective outside autograd, and fused layers never gather their output)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``cat([layer(x) for layer in layers], -1)`` in one matmul (the same weights,
+    packed or float), or None when the layers cannot be fused (different kinds, gathered outputs)."""
+    kinds = {type(layer) for layer in layers}
+    if len(kinds) != 1:
+        return None
+    first = layers[0]
+    if isinstance(first, _QuantLinear):
+        if any(layer.parallel not in (None, "column") or layer._gather for layer in layers):
+            return None
+        if isinstance(first, Int4Linear) and len({layer.group_size for layer in layers}) != 1:
+            return None
+        fused = copy_quant_linear(first)
+        fused.out_features = sum(layer.out_features for layer in layers)
+        if isinstance(first, Int4Linear):
+            # Both packed layouts keep rows in tiles (CUDA: 8 rows; CPU: 64 when the row count is a
+            # multiple of 64, else another order), so concatenating whole tiles concatenates rows.
+            tile = 8 if first.packed.device.type == "cuda" else 64
+            if any(layer.out_features % tile for layer in layers):
+                return None
+        for name, _ in first.named_buffers(recurse=False):
+            parts = [getattr(layer, name) for layer in layers]
+            # Output rows are dim 0 of packed / int8 weights and of int8 scales, dim 1 of int4 scales_zeros.
+            dim = 1 if name.startswith("scales_zeros") else 0
+            fused.register_buffer(name, torch.cat(parts, dim).contiguous(), persistent=False)
+        return fused
+    weights = [getattr(layer, "weight", None) for layer in layers]
+    if any(w is None or w.dim() != 2 or getattr(layer, "bias", None) is not None
+           or getattr(layer, "gather_output", False) for w, layer in zip(weights, layers, strict=True)):
+        return None
+    return FusedLinear(torch.cat([w.detach() for w in weights]))
+
+
+def copy_quant_linear(layer: _QuantLinear) -> _QuantLinear:
+    """A bufferless copy of a packed layer's settings (buffers are registered by the caller)."""
+    fused = layer.__class__.__new__(layer.__class__)
+    nn.Module.__init__(fused)
+    for key, value in vars(layer).items():
+        if not key.startswith("_") or key in ("_reduce", "_gather"):
+            setattr(fused, key, value)
+    return fused

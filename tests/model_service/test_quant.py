@@ -30,11 +30,13 @@ from model_service.build import build
 from model_service.checkpoint import open_checkpoint
 from model_service.model import Batch
 from model_service.quant import (
+    FusedLinear,
     GGMLBlocks,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
     dequantize_int4,
+    fuse_linears,
     quantize_int4,
     quantize_int8,
 )
@@ -200,6 +202,58 @@ def test_smollm2_tensor_types_and_a_packed_layer_against_its_float_weights():
     linear = Int4Linear(q, scale, zero, device=CPU)
     x = torch.randn(3, 1536)
     assert relative_error(linear(x), x @ reader.read(name, None, 0, 0).T) < 0.02
+
+
+def _three_layers(kind: str, rows: tuple[int, ...], device: torch.device) -> list[torch.nn.Module]:
+    layers = []
+    for i, n in enumerate(rows):
+        w = torch.from_numpy(random_weights(n, 256, seed=10 + i))
+        if kind == "int4":
+            layers.append(Int4Linear(*quantize_int4(w), device=device))
+        elif kind == "int8":
+            layers.append(Int8Linear(*quantize_int8(w), device=device))
+        else:
+            layer = torch.nn.Linear(256, n, bias=False, device=device)
+            layer.weight.data.copy_(w)
+            layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_computes_each_layer_side_by_side(kind, dtype):
+    # Q / K / V shapes (GQA: K and V narrower); the fused layer multiplies by the same weights at once.
+    layers = _three_layers(kind, (192, 64, 64), CPU)
+    if kind == "float":
+        layers = [layer.to(dtype) for layer in layers]  # a float model's weights are in its dtype
+    fused = fuse_linears(layers)
+    assert fused is not None and fused.out_features == 320
+    x = torch.randn(5, 256, dtype=dtype)
+    with torch.inference_mode():
+        want = torch.cat([layer(x) for layer in layers], -1)
+        got = fused(x)
+    # Packed layers: the same kernel on the same rows, so equal up to the kernel's bfloat16 output.
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_layers_that_cannot_be_fused_stay_separate():
+    # CPU int4 packs rows in tiles of 64 only when their count is a multiple of 64.
+    assert fuse_linears(_three_layers("int4", (64, 32, 32), CPU)) is None
+    mixed = _three_layers("int4", (64,), CPU) + _three_layers("int8", (64,), CPU)
+    assert fuse_linears(mixed) is None
+    assert isinstance(fuse_linears(_three_layers("float", (64, 32), CPU)), FusedLinear)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_int4_projection_uses_the_cuda_kernel_and_equals_separate_layers():
+    cuda = torch.device("cuda")
+    layers = _three_layers("int4", (192, 64, 64), cuda)
+    fused = fuse_linears(layers)
+    assert fused is not None and fused.packed.device.type == "cuda"  # _weight_int4pack_mm's layout
+    x = torch.randn(5, 256, device=cuda, dtype=torch.bfloat16)
+    want = torch.cat([layer(x) for layer in layers], -1)
+    torch.testing.assert_close(fused(x).float(), want.float(), rtol=0, atol=1e-2)
 
 
 @pytest.mark.gpu
