@@ -31,7 +31,7 @@ class ServerArgumentParser(argparse.ArgumentParser):
         env = env or f"{self.env_prefix}_{flag.lstrip('-').upper().replace('-', '_')}"
         if env in os.environ:
             raw = os.environ[env]
-            if kwargs.get("action") == "store_true":
+            if kwargs.get("action") in ("store_true", argparse.BooleanOptionalAction):
                 kwargs["default"] = raw.strip().lower() in {"1", "true", "yes", "on"}
             else:
                 convert = kwargs.get("type", str)

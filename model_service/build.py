@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ class CheckpointInfo:
     device: str
     tp_size: int
     quantization: str = "none"  # what runs, e.g. "int4 (Q4_1 as stored) x210; int8 (from Q8_0, per row) x1"
+    compile: str = "off"  # what runs torch.compile'd (Transformer.compile), or "off"
     kv_num_blocks: int = 0  # the paged KV cache: this many blocks of kv_block_size tokens
     kv_block_size: int = 0
 
@@ -234,7 +236,7 @@ def describe(labels: list[str]) -> str:
 def build(checkpoint: str | Path | None = None, *, device: str | torch.device = "cpu",
           dtype: torch.dtype | str = torch.float32, max_batch_size: int, max_seq_len: int | None,
           seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None,
-          kv_cache_tokens: int | None = None, kv_block_size: int = 16) -> LoadedModel:
+          kv_cache_tokens: int | None = None, kv_block_size: int = 16, compile: bool = False) -> LoadedModel:
     """Load a checkpoint (Meta dir, HF dir, or GGUF file; None = the embedded default model) as this
     rank's shard, allocate the paged KV cache and return it ready for ``model.forward``.
 
@@ -244,7 +246,9 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
 
     ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary. ``quantize``: "none",
     "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
-    quantisation where a kernel holds it, other checkpoints in ``dtype``.
+    quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers' dense
+    parts run ``torch.compile``'d (compiled on the first forward; the compiled code is cached on disk,
+    see ``use_compile_cache``, so a restart does not compile again).
     """
     started = time.monotonic()
     dtype, device = parse_dtype(dtype), torch.device(device)
@@ -279,18 +283,33 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         kv_cache_tokens = default_cache_tokens(model.kv_bytes_per_token(dtype), device, serving_len)
     num_blocks = _agree_across_ranks(-(-kv_cache_tokens // kv_block_size), device, tp)
     model.setup_caches(max_batch_size, serving_len, dtype, device, num_blocks=num_blocks, block_size=kv_block_size)
+    compiled = "off"
+    if compile:
+        use_compile_cache()
+        compiled = model.compile()
 
     info = CheckpointInfo(
         name=reader.name, format=reader.format, path=reader.path, stop_token_ids=reader.stop_token_ids,
         bos_token_id=reader.bos_token_id, vocab_size=args.vocab_size, max_seq_len=serving_len,
         parameter_count=parameter_count(args), dtype=str(dtype).removeprefix("torch."), device=str(device),
-        tp_size=tp, quantization=quantization, kv_num_blocks=num_blocks, kv_block_size=kv_block_size)
+        tp_size=tp, quantization=quantization, compile=compiled, kv_num_blocks=num_blocks,
+        kv_block_size=kv_block_size)
     del reader  # unmaps the checkpoint: its pages no longer count as this process's memory
     _release_freed_memory()
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():
         print(f"loaded {info.name} ({info.parameter_count / 1e6:.0f}M parameters, {info.dtype}, tp={tp}) "
               f"in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return LoadedModel(model, args, info)
+
+
+def use_compile_cache() -> Path:
+    """Inductor's caches (compiled graphs, kernels) in the user's cache directory rather than /tmp, so a
+    restart (or a reboot) loads the compiled decode step instead of compiling it again; an explicit
+    ``TORCHINDUCTOR_CACHE_DIR`` wins."""
+    from llama_grpc_runtime.assets import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def _release_freed_memory() -> None:

@@ -350,6 +350,16 @@ class Transformer(nn.Module):
             attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
 
+    def compile(self) -> str:
+        """``torch.compile`` the dense parts of a layer (norms, projections, RoPE, residuals, MLP) between
+        the cache reads and writes, which stay eager. One graph serves all layers (parameters are graph
+        inputs) and the token count is dynamic, so a step of any batch reuses it: two graphs per part in
+        all (one token, and any other count). Returns what runs compiled (``GetModelInfo.compile``)."""
+        self._attention_input = torch.compile(TransformerBlock.attention_input, dynamic=True)
+        self._attention_output = torch.compile(TransformerBlock.attention_output, dynamic=True)
+        self.compiled = "layers (norms, projections, RoPE, MLP; attention eager), dynamic token count"
+        return self.compiled
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Cache bytes one token takes on this rank (keys and values of every layer)."""
         attn = self.layers[0].attention

@@ -91,6 +91,7 @@ class ModelServiceConfig:
     kv_cache_tokens: int  # 0: sized from the memory budget
     kv_block_size: int
     no_prefix_cache: bool
+    compile: bool
 
     @property
     def prefix_cache(self) -> bool:
@@ -116,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "and int8 embeddings; none: the checkpoint's weights in --dtype (default: a GGUF file "
                          "in its own quantisation where a kernel holds it, Q4_0/Q4_1 int4 and Q8_0 int8; "
                          "Meta / Hugging Face checkpoints as they are)")
+    parser.add_flag("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="run the layers' dense parts torch.compile'd (compiled at start-up, ~1 min on 2 CPU cores "
+                         "the first time; cached under $LLAMA_GRPC_CACHE/inductor, so a restart takes seconds); "
+                         "~8%% faster decode on CPU")
     parser.add_flag("--max-batch-size", type=int, default=16, help="sequences decoded together (the running batch)")
     parser.add_flag("--max-seq-len", type=int, default=2048,
                     help="tokens per sequence (prompt + output), capped at the model's context; 0: the model's context")
@@ -348,7 +353,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             checkpoint_format=info.format,
             parameter_count=info.parameter_count,
             quantization=info.quantization,
-            compile="off",
+            compile=info.compile,
             max_new_tokens_limit=self.config.max_new_tokens_limit,
             capabilities=common_pb2.GenerationCapabilities(
                 sampling_options=SAMPLING_OPTIONS,
@@ -387,7 +392,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         options = LoadOptions(checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
                               max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len or None,
                               seed=config.seed, quantize=config.quantize, kv_cache_tokens=config.kv_cache_tokens,
-                              kv_block_size=config.kv_block_size)
+                              kv_block_size=config.kv_block_size, compile=config.compile)
         log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
                  device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
         if config.tp > 1:
@@ -411,7 +416,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                  kv_cache_mib=round(engine.kv_cache_tokens * self.runner_bytes_per_token(loaded) / 2**20, 1),
                  prefix_cache=engine.prefix_cache,
                  parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device),
-                 quantization=info.quantization)
+                 quantization=info.quantization, compile=info.compile)
         return engine
 
     @staticmethod

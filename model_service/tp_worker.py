@@ -53,6 +53,7 @@ class LoadOptions:
     quantize: str | None = None  # None: a GGUF file's own quantisation, other checkpoints as stored
     kv_cache_tokens: int | None = None  # see build(): None = max_batch_size slots, 0 = the memory budget
     kv_block_size: int = 16
+    compile: bool = False
 
     def build(self, device: str | None = None) -> Any:
         from .build import build
@@ -60,7 +61,7 @@ class LoadOptions:
         return build(self.checkpoint, device=device or self.device, dtype=DTYPES[self.dtype],
                      max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed,
                      quantize=self.quantize, kv_cache_tokens=self.kv_cache_tokens,
-                     kv_block_size=self.kv_block_size)
+                     kv_block_size=self.kv_block_size, compile=self.compile)
 
 
 def _comm_device(model_device: torch.device) -> torch.device:

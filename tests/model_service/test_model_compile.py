@@ -1,0 +1,74 @@
+"""``--compile``: the layers' dense parts run torch.compile'd and give the eager path's greedy tokens.
+
+Truth is the eager path (itself checked against HF transformers and llama.cpp elsewhere). Inductor fuses
+elementwise operations, so floats may differ in the last bits; greedy tokens must not, on a random
+checkpoint (float32, prompt chunks and decode steps of several sequences at once) and on the real
+SmolLM2 file (packed int4 / int8 weights).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_service.build import build
+from model_service.model import Batch
+from model_service.server import ModelServiceConfig, parse_args
+
+STEPS = 12
+
+
+def greedy(model, prompts: list[list[int]], steps: int = STEPS) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy continuations of several prompts decoded together (slot i per prompt), and the first logits."""
+    slots = list(range(len(prompts)))
+    tokens = torch.tensor([t for p in prompts for t in p])
+    logits = model(Batch(tokens, slots, [0] * len(prompts), [len(p) for p in prompts]))
+    first = logits.clone()
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in range(steps):
+        next_tokens = logits.argmax(-1)
+        for row, token in zip(out, next_tokens.tolist(), strict=True):
+            row.append(token)
+        logits = model(Batch(next_tokens, slots, [len(p) + step for p in prompts], [1] * len(prompts)))
+    return out, first
+
+
+@pytest.mark.slow
+def test_compiled_random_checkpoint_decodes_the_eager_tokens(tiny_checkpoints):
+    prompts = [[1, 5, 9, 200, 3, 77, 12], [1, 42, 8], [1, 300, 301, 302, 303, 304, 305, 306, 307, 308]]
+    results = {}
+    for compile in (False, True):
+        loaded = build(tiny_checkpoints["hf"], max_batch_size=4, max_seq_len=64, compile=compile)
+        assert (loaded.info.compile != "off") == compile
+        results[compile] = greedy(loaded.model, prompts)
+        results[compile, "single"] = greedy(loaded.model, prompts[:1])[0]  # one sequence: one-token graphs
+    assert results[True][0] == results[False][0]
+    assert results[True, "single"] == results[False, "single"]
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first compile takes ~1 min on 2 busy cores; a warm cache seconds
+def test_compiled_smollm2_decodes_the_eager_tokens():
+    # The chat prompts "What is the capital of France?" and "Name three colours." in SmolLM2's own
+    # tokenizer (transformers' apply_chat_template on the GGUF file).
+    system = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+              19712, 8182, 2, 198, 1, 4093, 198]
+    prompts = [system + [1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198],
+               system + [5820, 1296, 14797, 30, 2, 198, 1, 520, 9531, 198]]
+    results = {}
+    for compile in (False, True):
+        loaded = build(None, max_batch_size=2, max_seq_len=128, compile=compile)
+        assert "int4 (Q4_1 as stored) x210" in loaded.info.quantization
+        results[compile] = greedy(loaded.model, prompts)[0]
+    assert results[True] == results[False]
+
+
+def test_compile_flag_and_its_environment_twin(monkeypatch):
+    assert not ModelServiceConfig.from_args(parse_args([])).compile  # off unless asked: start-up stays short
+    assert ModelServiceConfig.from_args(parse_args(["--compile"])).compile
+    monkeypatch.setenv("LLAMA_MODEL_COMPILE", "1")
+    assert ModelServiceConfig.from_args(parse_args([])).compile
+    assert not ModelServiceConfig.from_args(parse_args(["--no-compile"])).compile
+    monkeypatch.setenv("LLAMA_MODEL_COMPILE", "false")
+    assert not ModelServiceConfig.from_args(parse_args([])).compile
