@@ -15,6 +15,11 @@ time to first token for 128- and 1024-token prompts; aggregate tokens/s and p50/
 latency at 1/4/16/64 concurrent streams (HF: one batched ``generate``; llama.cpp: one sequence at a
 time, so its aggregate is its single-stream rate); resident memory of the model process. Each timing
 is the best of two where cheap. Everything shares the machine's cores with the load generator.
+
+Time to first token is measured on fresh prompts only: every trial of every system gets its own prompt
+(``Trial K:`` before the filler text), so neither llama.cpp's prompt cache nor our prefix cache can serve
+it from an earlier trial (the model service and the full stack share one prefix cache: their trials
+are numbered apart).
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ PEER_PYTHON = Path(os.environ.get("LLAMA_PEERS_VENV", ROOT / ".peers" / "venv"))
 QUESTION = "Write a long story about a lighthouse keeper."
 FILLER = ("The printing press changed how ideas moved across Europe. Workshops in Mainz, Venice and "
           "Antwerp produced books faster than scribes ever could, and prices fell. ") * 80
+TTFT_LENGTHS = (128, 1024)
+TTFT_TRIALS = 2  # per system and prompt length, each on its own fresh prompt
+# Trial numbers by system: no two trials anywhere share a prompt (services share one prefix cache).
+TRIAL_BASE = {"in_process": 0, "llama_cpp": 0, "hf": 0, "model": 100, "gateway": 200}
+
+
+def trial_text(trial: int, n_tokens: int) -> str:
+    """A fresh prompt of about ``n_tokens`` tokens: a numbered head, then the filler."""
+    return f"Trial {trial}: " + " ".join(FILLER.split(" ")[: int(n_tokens * 0.75)])
 
 
 def rss_mb(pid: int | str = "self") -> dict[str, float]:
@@ -64,7 +78,7 @@ def llama_cpp(model: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
     if not PEER_PYTHON.exists():
         return {"missing": "llama.cpp peer not installed (make peers)"}
     jobs = [{"prompt_ids": ids["chat"], "max_new_tokens": new_tokens}] * 2
-    jobs += [{"prompt_ids": ids[n], "max_new_tokens": 1} for n in (128, 1024) for _ in range(2)]
+    jobs += [{"prompt_ids": prompt, "max_new_tokens": 1} for n in TTFT_LENGTHS for prompt in ids["ttft"][n]]
     spec = {"model": str(model), "threads": torch.get_num_threads(), "n_ctx": 2048, "jobs": jobs}
     done = subprocess.run([str(PEER_PYTHON), str(ROOT / "bench" / "llama_cpp_peer.py")], input=json.dumps(spec),
                           capture_output=True, text=True, timeout=900, check=True)
@@ -72,8 +86,9 @@ def llama_cpp(model: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
     results = out["results"]
     decode = max(r["decode_tok_s"] for r in results[:2])
     row = {"decode_tok_s": decode, "rss_mb": out["rss_mb"]}
-    for i, n in enumerate((128, 1024)):
-        row[f"ttft_{n}_ms"] = 1000 * min(r["ttft_s"] for r in results[2 + 2 * i: 4 + 2 * i])
+    for i, n in enumerate(TTFT_LENGTHS):
+        trials = results[2 + TTFT_TRIALS * i: 2 + TTFT_TRIALS * (i + 1)]
+        row[f"ttft_{n}_ms"] = 1000 * min(r["ttft_s"] for r in trials)
     for streams in STREAMS:  # one sequence at a time: N streams share its single-stream rate
         row[f"agg_{streams}_tok_s"] = decode
     return row
@@ -97,8 +112,8 @@ def hf(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
 
     generate(chat, 2)  # warm-up
     row = {}
-    for n in (128, 1024):
-        row[f"ttft_{n}_ms"] = 1000 * min(generate(torch.tensor([ids[n]]), 1) for _ in range(2))
+    for n in TTFT_LENGTHS:
+        row[f"ttft_{n}_ms"] = 1000 * min(generate(torch.tensor([prompt]), 1) for prompt in ids["ttft"][n])
     for streams in STREAMS:
         batch = chat.repeat(streams, 1)
         steps = new_tokens if streams <= 16 else new_tokens // 4  # bound the run time
@@ -127,9 +142,9 @@ def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: st
         int(model(Batch(torch.tensor(prompt), [0], [0], [len(prompt)]))[0].argmax())
         return time.perf_counter() - started
 
-    ttft(ids[128])  # warm-up
-    for n in (128, 1024):
-        row[f"ttft_{n}_ms"] = 1000 * min(ttft(ids[n]) for _ in range(2))
+    ttft(ids["chat"])  # warm-up
+    for n in TTFT_LENGTHS:
+        row[f"ttft_{n}_ms"] = 1000 * min(ttft(prompt) for prompt in ids["ttft"][n])
     chat = ids["chat"]
     for streams in STREAMS:
         slots = list(range(streams))
@@ -186,8 +201,9 @@ async def services(stubs: dict, kind: str, prompts: dict, new_tokens: int) -> di
     row: dict = {}
     chat = prompts["chat"]
     await stream(kind, stubs, chat, 4, None)  # warm-up
-    for n in (128, 1024):
-        row[f"ttft_{n}_ms"] = 1000 * min([(await stream(kind, stubs, prompts[n], 1, None))[0] for _ in range(2)])
+    for n in TTFT_LENGTHS:  # fresh prompts: no trial can hit the prefix cache
+        row[f"ttft_{n}_ms"] = 1000 * min([(await stream(kind, stubs, prompt, 1, None))[0]
+                                          for prompt in prompts["ttft"][n]])
     best = 0.0
     for _ in range(2):
         _, gaps, tokens, _ = await stream(kind, stubs, chat, 2 * new_tokens, None)
@@ -218,17 +234,28 @@ def full_stack(checkpoint: Path, new_tokens: int, model_args: list[str]) -> tupl
             async with grpc.aio.insecure_channel(model.address) as mc, grpc.aio.insecure_channel(gateway.address) as gc_:
                 stubs = {"model": model_pb2_grpc.ModelServiceStub(mc), "gateway": gateway_pb2_grpc.GatewayServiceStub(gc_)}
                 info = await stubs["model"].GetModelInfo(model_pb2.GetModelInfoRequest())
-                filler = list((await stubs["gateway"].Tokenize(gateway_pb2.TokenizeRequest(text=FILLER))).token_ids)
                 messages = [common_pb2.Message(role="user", content=QUESTION)]
                 chat = list((await stubs["gateway"].Tokenize(gateway_pb2.TokenizeRequest(messages=messages))).token_ids)
-                ids = {128: filler[:128], 1024: filler[:1024], "chat": chat}
-                # The gateway takes text: the filler cut to about N tokens (its own count is reported).
-                words = FILLER.split(" ")
-                texts = {n: " ".join(words[: int(n * 0.75)]) for n in (128, 1024)}
-                texts["chat"] = messages
-                direct = await services(stubs, "model", ids, new_tokens)
+
+                async def fresh_ids(trial: int, n: int) -> list[int]:
+                    request = gateway_pb2.TokenizeRequest(text=trial_text(trial, 2 * n))
+                    prompt = list((await stubs["gateway"].Tokenize(request)).token_ids)[:n]
+                    assert len(prompt) == n, f"the filler gave {len(prompt)} tokens, not {n}"
+                    return prompt
+
+                # Token ids of trials 0.. for the in-process and peer columns, 100.. for the model service;
+                # the gateway takes text (about N tokens: trials 200..).
+                ids = {"chat": chat, "ttft": {n: [await fresh_ids(t, n) for t in range(TTFT_TRIALS)]
+                                              for n in TTFT_LENGTHS}}
+                direct_ids = {"chat": chat, "ttft": {n: [await fresh_ids(TRIAL_BASE["model"] + t, n)
+                                                         for t in range(TTFT_TRIALS)] for n in TTFT_LENGTHS}}
+                texts = {"chat": messages, "ttft": {n: [trial_text(TRIAL_BASE["gateway"] + t, n)
+                                                        for t in range(TTFT_TRIALS)] for n in TTFT_LENGTHS}}
+                direct = await services(stubs, "model", direct_ids, new_tokens)
                 via_gateway = await services(stubs, "gateway", texts, new_tokens)
-                return {"ids": ids, "quantization": info.quantization}, direct, via_gateway
+                meta = {"ids": ids, "quantization": info.quantization, "compile": info.compile,
+                        "kv_cache_tokens": info.kv_cache_tokens}
+                return meta, direct, via_gateway
 
         meta, direct, via_gateway = asyncio.run(run())
         direct.update(rss_mb(model.process.pid))
@@ -297,6 +324,8 @@ def main() -> None:
                         help="llama-grpc's activations: float32 (the service default: int4/int8 calls with two "
                              "bfloat16 halves, closest to llama.cpp's tokens) or bfloat16 (one call, fastest)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="llama-grpc's decode step torch.compile'd (the service's --compile / --no-compile)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "peers.json"))
     ns = parser.parse_args()
     STREAMS[:] = [int(s) for s in ns.streams.split(",")]
@@ -309,7 +338,10 @@ def main() -> None:
     skip = set(ns.skip.split(",")) - {""}
     started = time.monotonic()
     max_seq_len = 1024 + 2 * ns.new_tokens + 16
-    model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len), "--dtype", ns.dtype]
+    # Cache for every stream's chat prompt and tokens, and for the longest prompt (in blocks of 16).
+    kv_tokens = -(-max(max(STREAMS) * (128 + ns.new_tokens), 2 * max_seq_len) // 16) * 16
+    model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len), "--dtype", ns.dtype,
+                  "--kv-cache-tokens", str(kv_tokens), "--compile" if ns.compile else "--no-compile"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     results: dict = {}
@@ -332,12 +364,18 @@ def main() -> None:
     from model_service.checkpoint import open_checkpoint
 
     args = open_checkpoint(checkpoint).args
-    cache_mb = 2 * args.n_layers * max(STREAMS) * max_seq_len * args.kv_heads * args.head_dim * 4 / 2**20
-    report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "dtype": ns.dtype, "streams": STREAMS,
+    # The model service's KV cache as allocated (GetModelInfo.kv_cache_tokens), what the memory goal adds.
+    item_bytes = 4 if ns.dtype == "float32" else 2
+    cache_mb = meta["kv_cache_tokens"] * 2 * args.n_layers * args.kv_heads * args.head_dim * item_bytes / 2**20
+    report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "compile": meta["compile"],
+              "dtype": ns.dtype, "streams": STREAMS,
               "new_tokens": ns.new_tokens, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "seconds": time.monotonic() - started, "kv_cache_mb": cache_mb, "results": results}
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.json).write_text(json.dumps(report, indent=1, default=str))
+    if "missing" in results.get("llama_cpp", {}):
+        print(f"NOTE: the llama.cpp column is empty: {results['llama_cpp']['missing']} "
+              f"(looked for {PEER_PYTHON}); ratios to llama.cpp are n/a.")
     print(table(results))
     print()
     print(goals(results, checkpoint.stat().st_size, cache_mb))
