@@ -174,6 +174,7 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
         raise ValueError(f"{reader.path}: {len(unexpected)} tensor(s) that a Llama model does not have, "
                          f"e.g. {unexpected[:3]}")
     labels: list[str] = []
+    file_views: list[str] = []  # float weights served straight from the mapped file (no copy)
     with tqdm(total=len(params), desc=f"loading {reader.path.name}", unit="tensor", delay=1.0,
               disable=rank != 0 or not sys.stderr.isatty()) as bar:
         for name, param in params.items():
@@ -193,7 +194,10 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
             mode = weight_mode(reader, name, quantize)
             if mode == "float":
                 shard = reader.read(name, dim, start, end)
-                _set_parameter(model, name, shard.to(device=device, dtype=dtype).contiguous())
+                value = shard.to(device=device, dtype=dtype).contiguous()
+                if value.data_ptr() == shard.data_ptr():
+                    file_views.append(name)
+                _set_parameter(model, name, value)
                 labels.append("float")
             else:
                 sources = [("tok_embeddings.weight", "embedding")]
@@ -209,6 +213,11 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
                     setattr(model.get_submodule(parent) if parent else model, leaf, module)
                     labels.append(label)
             bar.update(1)
+    if any(label != "float" for label in labels):
+        # Packed weights are copies: once the float ones (norms) are copies too, the file's mapping and
+        # every page of it that was read go away (~the whole file for a GGUF).
+        for name in file_views:
+            _set_parameter(model, name, model.get_parameter(name).clone())
     if model.params.tie_word_embeddings and isinstance(model.output, ColumnParallelLinear):
         model.output.weight = model.tok_embeddings.weight
     return describe(labels)
@@ -216,9 +225,13 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
 
 def fuse_projections(model: Transformer) -> None:
     """Each layer's wq/wk/wv as one matmul and w1/w3 (gate, up) as another: the same weights, fewer
-    calls (decode at small batches is per-call overhead). The separate layers are dropped."""
+    calls (decode at small batches is per-call overhead). The separate layers are dropped. Float layers
+    on CPU stay separate: they are views of the mapped checkpoint, which a fused copy would double."""
+    fuse_float = model.device.type != "cpu"
     for layer in model.layers:
         attention, ffn = layer.attention, layer.feed_forward
+        if not fuse_float and isinstance(attention.wq, ColumnParallelLinear):
+            continue
         wqkv = fuse_linears([attention.wq, attention.wk, attention.wv])
         if wqkv is not None:
             attention.wqkv, attention.wq, attention.wk, attention.wv = wqkv, None, None, None

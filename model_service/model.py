@@ -12,6 +12,8 @@ Differences from the reference, all for continuous batching:
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -89,10 +91,18 @@ class KVCache(nn.Module):
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        # Zeros, not empty: positions past a sequence's end are masked, but NaN garbage would still
-        # poison the weighted sum (0 * NaN = NaN).
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", _zeros(shape, dtype, torch.device(device)), persistent=False)
+        self.register_buffer("v", _zeros(shape, dtype, torch.device(device)), persistent=False)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros, not empty: positions past a sequence's end are masked, but NaN garbage would still poison
+    the weighted sum (0 * NaN = NaN). On CPU from an anonymous mapping, whose pages the kernel hands
+    out zeroed on first write: the cache takes memory as sequences fill it, not all at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
 
 
 @dataclass
