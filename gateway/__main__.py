@@ -25,7 +25,9 @@ from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .completion import CompletionPipeline
 from .metrics import gateway_metrics
+from .replicas import parse_model_address
 from .request import Limits
+from .routing import DEFAULT_ROUTING, ROUTING_POLICIES
 from .servicer import GatewayServicer
 from .state import UpstreamState, agreed_state
 from .upstream import ModelClient, TokenizerClient, UpstreamSecurity, channel_target
@@ -39,8 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "model services")
     parser.add_flag("--tokenizer-address", default="localhost:50051", help="tokenizer service host:port")
     parser.add_flag("--model-address", default="localhost:50052",
-                    help="model service: host:port, several replicas as host:port,host:port, or a "
-                         "dns:///name:port target (calls are balanced round-robin)")
+                    help="model service: host:port, several replicas as host:port,host:port, or "
+                         "dns:///name:port (every address of the name is a replica; re-resolved every "
+                         "--model-resolve-interval)")
+    parser.add_flag("--routing", default=DEFAULT_ROUTING, choices=list(ROUTING_POLICIES),
+                    help="how calls are spread over model replicas: prefix sends a prompt to the replica whose "
+                         "prefix cache holds the longest part of it (within a load bound), else to the least "
+                         "loaded (load as the model service reports it); round_robin takes them in turn")
+    parser.add_flag("--model-resolve-interval", type=float, default=5.0,
+                    help="seconds between DNS look-ups of dns:/// model addresses (replicas that come and go)")
     parser.add_flag("--max-stop-sequences", type=int, default=16, help="most stop sequences per request")
     parser.add_flag("--max-stop-sequence-chars", type=int, default=256, help="longest stop sequence (characters)")
     parser.add_flag("--max-stop-token-ids", type=int, default=64, help="most stop token ids per request")
@@ -71,6 +80,8 @@ class GatewayConfig:
     model_address: str
     limits: Limits  # what requests may ask for; the served model's limits are added by agreement
     health_interval: float
+    routing: str
+    model_resolve_interval: float
     max_decode_fanout: int
     security: UpstreamSecurity
 
@@ -89,7 +100,9 @@ class Gateway:
         self.config = config
         self.tokenizer = TokenizerClient(config.tokenizer_address, config.security,
                                          max_decode_fanout=config.max_decode_fanout)
-        self.model = ModelClient(config.model_address, config.security)
+        self.model = ModelClient(config.model_address, config.security, routing=config.routing,
+                                 health_interval=config.health_interval,
+                                 resolve_interval=config.model_resolve_interval)
         self.base_limits = config.limits
         # Replaced whole by the health monitor; each request reads it once.
         self.state = UpstreamState(self.base_limits)
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("gateway", args.log_level)
     try:
         channel_target(args.tokenizer_address)
-        channel_target(args.model_address)
+        parse_model_address(args.model_address)
     except (ValueError, OSError) as error:
         print(f"gateway: bad upstream address: {error}", file=sys.stderr)
         return 2

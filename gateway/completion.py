@@ -3,7 +3,8 @@
     prompt / messages --Encode / ApplyChatTemplate--> prompt ids --Generate--> generated ids
     generated ids --DecodeStream (one id a message)--> each token's text --stop matcher--> deltas
 
-``prepare`` validates the request and turns it into prompt ids, ``call`` starts the model's stream
+``stream`` validates the request and admits it (``ModelUpstream.admit``: RESOURCE_EXHAUSTED at once when
+every model replica is full, before any tokenising), ``prepare`` turns it into prompt ids, ``call`` starts the model's stream
 and the tokenizer's incremental decoder, ``respond`` turns what they return into ``Chunk`` values
 (``shaping.py``). The upstreams are the ``TokenizerUpstream`` / ``ModelUpstream`` interfaces of ``interfaces.py``,
 and what the gateway knows about them is one ``UpstreamState`` read once per request.
@@ -21,6 +22,7 @@ from llama_grpc_runtime.context import current_request_id
 from llama_grpc_runtime.errors import Unavailable
 
 from .interfaces import (
+    Admission,
     Candidate,
     Deadline,
     GenerationStream,
@@ -64,7 +66,7 @@ class CompletionPipeline:
         return await self.tokenizer.encode(request.prompt, state.add_bos, deadline)
 
     async def prepare(self, request: CompletionRequest, state: UpstreamState, deadline: Deadline) -> Prepared:
-        validate(request, state.limits)
+        """Prompt ids of a validated request (checked against the context)."""
         prompt_ids = await self.prompt_token_ids(request, state, deadline)
         keep = request.stopping.truncate_prompt_tokens
         if keep and len(prompt_ids) > keep:  # the last N tokens: the end of the prompt matters most
@@ -73,21 +75,28 @@ class CompletionPipeline:
         echo_text = await self.tokenizer.decode(prompt_ids, deadline) if request.output.echo else ""
         return Prepared(request, prompt_ids, echo_text, state.extra_stop_token_ids)
 
-    def call(self, prepared: Prepared, deadline: Deadline) -> GenerationStream:
+    def call(self, prepared: Prepared, deadline: Deadline, admission: Admission) -> GenerationStream:
         return self.model.generate(current_request_id(), prepared.prompt_token_ids, prepared.request,
-                                   prepared.extra_stop_token_ids, deadline)
+                                   prepared.extra_stop_token_ids, deadline, admission)
 
     async def stream(self, request: CompletionRequest, timeout: float | None) -> AsyncIterator[Chunk]:
         deadline = Deadline(timeout)
         started = time.perf_counter()
-        prepared = await self.prepare(request, self.state(), deadline)
-        model_stream = self.call(prepared, deadline)
+        state = self.state()
+        validate(request, state.limits)
+        # Before the tokenizer is asked anything: when every replica is full the caller hears at once.
+        admission = await self.model.admit(request.n)
+        model_stream: GenerationStream | None = None
         decoders: dict[int, TextDecoder] = {}  # one incremental decode per completion
         try:
+            prepared = await self.prepare(request, state, deadline)
+            model_stream = self.call(prepared, deadline, admission)
             async for chunk in self.respond(prepared, model_stream, decoders, deadline, started):
                 yield chunk
         finally:  # stop sequence, error, or the caller went away: the model's slot is freed now
-            model_stream.cancel()
+            if model_stream is not None:
+                model_stream.cancel()
+            admission.release()
             for decoder in decoders.values():
                 decoder.cancel()
 

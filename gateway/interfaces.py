@@ -110,11 +110,23 @@ class GenerationStream(Protocol):
     def cancel(self) -> None: ...
 
 
+class Admission(Protocol):
+    """Room held on the model service for one request's sequences, until ``release()`` (idempotent)."""
+
+    def release(self) -> None: ...
+
+
 class ModelUpstream(Protocol):
     name: str
     address: str
 
+    async def admit(self, n: int) -> Admission:
+        """Room for ``n`` sequences, or ResourceExhausted at once (before the prompt is tokenised)."""
+        ...
+
     def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
-                 extra_stop_token_ids: Sequence[int], deadline: Deadline) -> GenerationStream: ...
+                 extra_stop_token_ids: Sequence[int], deadline: Deadline, admission: Admission) -> GenerationStream:
+        """Start the generation on the replica the routing picks; the stream gives ``admission`` back."""
+        ...
 
     async def info(self) -> ModelInfo: ...

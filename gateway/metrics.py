@@ -16,6 +16,10 @@ class GatewayMetrics:
     time_to_first_chunk: Histogram
     generated_tokens: Counter
     finished: Counter
+    admission_refused: Counter
+    replica_up: Gauge
+    replica_in_flight: Gauge
+    routed: Counter
 
 
 @cache
@@ -30,4 +34,14 @@ def gateway_metrics() -> GatewayMetrics:
                                       buckets=LATENCY_BUCKETS),
         generated_tokens=Counter(f"{p}_generated_tokens_total", "Tokens received from the model service"),
         finished=Counter(f"{p}_completions_total", "Completions by finish reason", ["finish_reason"]),
+        admission_refused=Counter(f"{p}_admission_refused_total",
+                                  "Requests refused RESOURCE_EXHAUSTED by the gateway before tokenising: every "
+                                  "serving model replica was full"),
+        replica_up=Gauge(f"{p}_model_replica_up", "1 while the model replica answers its health check SERVING",
+                         ["replica"]),
+        replica_in_flight=Gauge(f"{p}_model_replica_in_flight",
+                                "Sequences of this gateway's calls running or queued on the model replica",
+                                ["replica"]),
+        routed=Counter(f"{p}_routed_total", "Generate calls sent to each model replica, by why it was chosen "
+                       "(prefix, least_loaded, round_robin, retry)", ["replica", "reason"]),
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import structlog
 
 from llama_grpc_runtime.auth import TokenFile, bearer
 from llama_grpc_runtime.context import outgoing_metadata
@@ -34,12 +35,16 @@ from llama_grpc_runtime.errors import Unavailable
 from llama_grpc_runtime.flags import MAX_MESSAGE_BYTES
 from llama_grpc_runtime.health import is_serving_async
 from llama_grpc_stubs.common.v1 import common_pb2
-from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
+from llama_grpc_stubs.model.v1 import model_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from model_service.options import Constraint
 
 from .interfaces import Candidate, Deadline, ModelChunk, ModelInfo, TokenizerInfo
+from .replicas import Admission, Replica, ReplicaSet
 from .request import ChatMessage, CompletionRequest
+from .routing import DEFAULT_ROUTING
+
+log = structlog.get_logger()
 
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
@@ -269,22 +274,54 @@ class DecodeStream:
         self.call.cancel()
 
 
-class ModelClient(Upstream):
-    def __init__(self, address: str, security: UpstreamSecurity | None = None) -> None:
-        super().__init__("model service", address, security)
-        self.stub = model_pb2_grpc.ModelServiceStub(self.channel)
+class ModelClient:
+    """The model service: every replica (``replicas.py``), admission before tokenising, routing per call."""
+
+    name = "model service"
+
+    def __init__(self, address: str, security: UpstreamSecurity | None = None, *, routing: str = DEFAULT_ROUTING,
+                 health_interval: float = 1.0, resolve_interval: float = 5.0) -> None:
+        self.address = address
+        self.security = security or UpstreamSecurity()
+        self.replicas = ReplicaSet(address, self._channel, self.metadata, routing=routing,
+                                   health_interval=health_interval, resolve_interval=resolve_interval)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        credentials = self.security.credentials()
+        return (grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
+                else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        metadata = tuple(outgoing_metadata())
+        if self.security.token_file is not None:
+            metadata += (bearer(self.security.token_file.first()),)
+        return metadata
+
+    def unavailable(self, error: grpc.aio.AioRpcError, address: str | None = None) -> Exception:
+        """UNAVAILABLE naming the replica; other statuses pass through unchanged."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            details = (error.details() or "").strip()
+            return Unavailable(f"{self.name} unavailable at {address or self.address}"
+                               + (f": {details[:200]}" if details else ""))
+        return error
+
+    async def healthy(self) -> bool:
+        """One monitoring round over the replicas: True while at least one serves."""
+        return await self.replicas.refresh()
+
+    async def admit(self, n: int) -> Admission:
+        return await self.replicas.admit(n)
 
     async def info(self) -> ModelInfo:
         try:
-            reply = await self.stub.GetModelInfo(model_pb2.GetModelInfoRequest(), timeout=5.0,
-                                                 metadata=self.metadata())
+            reply = await self.replicas.info()
         except grpc.aio.AioRpcError as error:
             raise self.unavailable(error) from None
         return ModelInfo(model_name=reply.model_name, vocab_size=reply.vocab_size, max_seq_len=reply.max_seq_len,
                          stop_token_ids=tuple(reply.stop_token_ids), message=reply.SerializeToString())
 
     def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
-                 extra_stop_token_ids: Sequence[int], deadline: Deadline) -> ModelStream:
+                 extra_stop_token_ids: Sequence[int], deadline: Deadline, admission: Admission) -> ModelStream:
         sampling, stopping, output = request.sampling, request.stopping, request.output
         message = model_pb2.GenerateRequest(
             request_id=request_id,
@@ -306,8 +343,10 @@ class ModelClient(Upstream):
             n=request.n,
             constraint=_constraint(request.constraint),
         )
-        call = self.stub.Generate(message, timeout=deadline.remaining(), metadata=self.metadata())
-        return ModelStream(self, call)
+        return ModelStream(self, message, admission, deadline)
+
+    async def close(self) -> None:
+        await self.replicas.close()
 
 
 def _constraint(constraint: Constraint | None) -> common_pb2.Constraint | None:
@@ -319,33 +358,81 @@ def _constraint(constraint: Constraint | None) -> common_pb2.Constraint | None:
 
 
 class ModelStream:
-    """The model's Generate stream as plain chunks; ``cancel()`` frees the model's cache slot."""
+    """The model's Generate stream as plain chunks; ``cancel()`` frees the model's cache at once.
 
-    def __init__(self, client: ModelClient, call: grpc.aio.UnaryStreamCall) -> None:
+    The call goes to the replica the routing policy picks. A replica that fails the call before its
+    first message (UNAVAILABLE: it went away; RESOURCE_EXHAUSTED: full of other gateways' calls) is
+    skipped and the next one tried, so a replica going down costs no request that it had not started.
+    The admission's sequences are given back when the last completion ends, or the call does.
+    """
+
+    RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def __init__(self, client: ModelClient, message: model_pb2.GenerateRequest, admission: Admission,
+                 deadline: Deadline) -> None:
         self.client = client
-        self.call = call
+        self.message = message
+        self.admission = admission
+        self.deadline = deadline
+        self.tried: list[Replica] = []
+        self.cancelled = False
+        self.call: grpc.aio.UnaryStreamCall | None = None
+        self.replica: Replica | None = None
+        self._start()
+
+    def _start(self) -> bool:
+        replica = self.client.replicas.route(self.admission, self.message.prompt_token_ids, self.tried)
+        if replica is None:
+            return False
+        self.replica = replica
+        self.tried.append(replica)
+        self.call = replica.stub.Generate(self.message, timeout=self.deadline.remaining(),
+                                          metadata=self.client.metadata())
+        return True
 
     async def __aiter__(self) -> AsyncIterator[ModelChunk]:
-        try:
-            async for reply in self.call:
-                yield ModelChunk(
-                    token_ids=list(reply.token_ids),
-                    logprobs=list(reply.logprobs),
-                    top_logprobs=_candidates(reply.top_logprobs),
-                    finish_reason=common_pb2.FinishReason.Name(reply.finish_reason) if reply.finish_reason else "",
-                    generated_tokens=reply.usage.generated_tokens,
-                    cached_prompt_tokens=reply.usage.cached_prompt_tokens,
-                    prompt_logprobs=list(reply.prompt_logprobs),
-                    prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),
-                    index=reply.index,
-                )
-        except grpc.aio.AioRpcError as error:
-            raise self.client.unavailable(error) from None
+        finished = 0
+        received = False
+        while True:
+            try:
+                async for reply in self.call:
+                    received = True
+                    if reply.HasField("load"):
+                        self.replica.observe(reply.load)
+                    if reply.finish_reason:
+                        finished += 1
+                        if finished >= max(self.message.n, 1):  # the model's sequences are free
+                            self.admission.release()
+                    yield ModelChunk(
+                        token_ids=list(reply.token_ids),
+                        logprobs=list(reply.logprobs),
+                        top_logprobs=_candidates(reply.top_logprobs),
+                        finish_reason=common_pb2.FinishReason.Name(reply.finish_reason) if reply.finish_reason else "",
+                        generated_tokens=reply.usage.generated_tokens,
+                        cached_prompt_tokens=reply.usage.cached_prompt_tokens,
+                        prompt_logprobs=list(reply.prompt_logprobs),
+                        prompt_top_logprobs=_candidates(reply.prompt_top_logprobs),
+                        index=reply.index,
+                    )
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.client.replicas.mark_down(self.replica)
+                elif error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.replica.observe_full(self.admission.n)
+                if received or self.cancelled or error.code() not in self.RETRY_CODES or not self._start():
+                    self.admission.release(held=False)
+                    raise self.client.unavailable(error, self.replica.address) from None
+                log.info("model replica failed the call before it started; trying another",
+                         replica=self.tried[-2].address, code=error.code().name, next_replica=self.replica.address)
 
     async def wait_closed(self) -> None:
         """After the last message: let the call end with its own status (a cancel now would make
         a finished generation look cancelled to the model service)."""
         await self.call.code()
+        self.admission.release()
 
     def cancel(self) -> None:
+        self.cancelled = True
         self.call.cancel()
+        self.admission.release()

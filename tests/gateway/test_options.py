@@ -23,7 +23,7 @@ from llama_grpc_runtime.errors import InvalidArgument
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2
 from model_service.options import MAX_N, MAX_TOP_LOGPROBS, Constraint
-from tests.gateway.test_pipeline import ReplayStream, pipeline_for, run
+from tests.gateway.test_pipeline import Held, ReplayStream, pipeline_for, run
 from tokenizer_service.loader import load_tokenizer
 from tokenizer_service.tokenizer import Tokenizer
 
@@ -43,8 +43,11 @@ class InterleavedModel:
     requests: list[tuple[list[int], CompletionRequest]] = field(default_factory=list)
     streams: list[ReplayStream] = field(default_factory=list)
 
+    async def admit(self, n: int) -> Held:
+        return Held(n)
+
     def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
-                 extra_stop_token_ids: Sequence[int], deadline: Deadline) -> ReplayStream:
+                 extra_stop_token_ids: Sequence[int], deadline: Deadline, admission: Held) -> ReplayStream:
         self.requests.append((prompt_token_ids, request))
         chunks = []
         for step in range(max(map(len, self.completions))):

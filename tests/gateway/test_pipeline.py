@@ -20,7 +20,7 @@ from gateway.interfaces import FINISH_STOP_SEQUENCE, Candidate, Deadline, ModelC
 from gateway.request import ChatMessage, CompletionRequest, Limits, Output, Sampling, Stopping
 from gateway.shaping import Chunk
 from gateway.state import UpstreamState, agreed_state
-from llama_grpc_runtime.errors import InvalidArgument, Unavailable
+from llama_grpc_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tokenizer_service.loader import load_tokenizer
 from tokenizer_service.tokenizer import Tokenizer
 
@@ -98,6 +98,17 @@ class ReplayStream:
 
 
 @dataclass
+class Held:
+    """A fake model's admission: whether the pipeline gave it back."""
+
+    n: int
+    released: bool = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+@dataclass
 class ReplayModel:
     """Generates ``token_ids`` in chunks of ``chunk_size``, then finishes with ``finish_reason``."""
 
@@ -109,9 +120,14 @@ class ReplayModel:
     with_logprobs: bool = True
     streams: list[ReplayStream] = field(default_factory=list)
     requests: list[tuple[list[int], tuple[int, ...]]] = field(default_factory=list)
+    admissions: list[Held] = field(default_factory=list)
+
+    async def admit(self, n: int) -> Held:
+        self.admissions.append(Held(n))
+        return self.admissions[-1]
 
     def generate(self, request_id: str, prompt_token_ids: list[int], request: CompletionRequest,
-                 extra_stop_token_ids: Sequence[int], deadline: Deadline) -> ReplayStream:
+                 extra_stop_token_ids: Sequence[int], deadline: Deadline, admission: Held) -> ReplayStream:
         self.requests.append((prompt_token_ids, tuple(extra_stop_token_ids)))
         ids, size = self.token_ids, self.chunk_size
         chunks = [ModelChunk(token_ids=ids[i:i + size],
@@ -311,3 +327,33 @@ def test_agreed_state_takes_the_models_limits_or_keeps_the_old_ones_with_a_refus
     refused = agreed_state(agreed, base, tokenizer, "t:1", other, "m:2")
     assert refused.limits == agreed.limits and refused.extra_stop_token_ids == (128008,)
     assert refused.refusal is not None and "t:1 (tok)" in refused.refusal and "m:2 (SmolLM2)" in refused.refusal
+
+
+class FullModel(ReplayModel):
+    """A model upstream with no room: admission refuses."""
+
+    async def admit(self, n: int) -> Held:
+        raise ResourceExhausted("every model replica is full")
+
+
+def test_admission_comes_before_the_tokenizer_and_is_given_back(smollm):
+    model = ReplayModel(smollm.encode("fine"))
+    pipeline, local = pipeline_for(smollm, model)
+    run(pipeline, CompletionRequest(messages=(ChatMessage("user", "hi"),)))
+    assert [(held.n, held.released) for held in model.admissions] == [(1, True)]
+
+    full = FullModel(smollm.encode("fine"))
+    pipeline, local = pipeline_for(smollm, full)
+    with pytest.raises(ResourceExhausted):
+        run(pipeline, CompletionRequest(messages=(ChatMessage("user", "hi"),)))
+    assert local.calls == [] and full.requests == []  # refused before the chat template
+
+
+def test_admission_is_given_back_when_the_prompt_is_refused(smollm):
+    model = ReplayModel(smollm.encode("fine"))
+    state = UpstreamState(Limits(vocab_size=smollm.vocab_size, max_seq_len=8), add_bos=False)
+    pipeline, local = pipeline_for(smollm, model, state)
+    with pytest.raises(InvalidArgument):  # longer than the context, found after tokenising
+        run(pipeline, CompletionRequest(prompt="a prompt that is surely longer than eight tokens, isn't it?"))
+    assert local.calls == ["encode"] and model.requests == []
+    assert [(held.n, held.released) for held in model.admissions] == [(1, True)]

@@ -87,7 +87,8 @@ def test_calls_spread_over_model_replicas(stack: Stack):
 
         for address in (f"{stack.model.address},{second.address}", f"dns:///localhost:{stack.model.port}"):
             # Health checks share the channel's round robin: none during the count (--health-interval 60).
-            with start_gateway(stack.tokenizer.address, address, "--health-interval", "60") as gateway, \
+            with start_gateway(stack.tokenizer.address, address, "--health-interval", "60",
+                               "--routing", "round_robin") as gateway, \
                     grpc.insecure_channel(gateway.wait_healthy(timeout=60).address) as channel:
                 stub = gateway_pb2_grpc.GatewayServiceStub(channel)
 
