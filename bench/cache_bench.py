@@ -12,8 +12,15 @@ Starts ``python -m model_service`` (the embedded SmolLM2-135M unless --checkpoin
 3. aggregate generated tokens/s of 64 concurrent streams sharing a system prompt, with and
    without the prefix cache.
 
-Prefix routing across replicas is not measured here (the gateway's ``--routing prefix`` is not
-implemented yet). Every phase is bounded by its sizes; --quick shrinks them for a smoke run.
+4. two model replicas behind the gateway, ``--routing round_robin`` vs ``--routing prefix``, on a
+   shared-prefix chat workload: several families of requests, each family sharing a long system
+   prompt, in shuffled order from a few concurrent clients (each policy gets families of its own, so
+   neither finds the other's prompts cached): prefix-hit rate (prompt tokens served from the cache,
+   as the replicas report them in usage), time to first token p50 / p99 through the gateway, and how
+   the requests split over the replicas.
+
+Every phase is bounded by its sizes; --quick shrinks them for a smoke run; --only routing runs the
+last section alone.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
 
 VOCAB_LOW, VOCAB_HIGH = 1000, 40000  # ordinary token ids of SmolLM2's vocabulary
@@ -59,6 +67,13 @@ def gauge(proc: ServiceProcess, name: str) -> float:
             if sample.name == name:
                 return sample.value
     return 0.0
+
+
+def counter(proc: ServiceProcess, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(sample.value for family in text_string_to_metric_families(proc.metrics_text())
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def request(prompt: list[int], max_new_tokens: int) -> model_pb2.GenerateRequest:
@@ -150,12 +165,122 @@ def streams(proc: ServiceProcess, n: int, system_len: int, new_tokens: int) -> t
     return asyncio.run(run())
 
 
+WORDS = ("river mountain lantern copper violet harbor orchard thunder meadow silver glacier canyon falcon ember "
+         "willow quartz prairie cobalt tundra marble beacon saffron juniper basalt").split()
+
+
+def system_prompt(rng: random.Random, words: int) -> str:
+    return f"You are assistant {rng.randrange(10**6)}. Keep to these notes: " + " ".join(
+        rng.choice(WORDS) for _ in range(words))
+
+
+async def chat_stream(stub, system: str, question: str, new_tokens: int) -> tuple[float, int, int]:
+    """(seconds to the first token, prompt tokens, of which from the cache) for one gateway stream."""
+    request = gateway_pb2.GenerateStreamRequest(
+        messages=[common_pb2.Message(role="system", content=system), common_pb2.Message(role="user", content=question)],
+        sampling=common_pb2.SamplingParams(temperature=0.0),
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+    started = time.perf_counter()
+    first = None
+    prompt = cached = 0
+    async for response in stub.GenerateStream(request, timeout=600):
+        if response.token_ids and first is None:
+            first = time.perf_counter() - started
+        if response.usage.prompt_tokens:
+            prompt, cached = response.usage.prompt_tokens, response.usage.cached_prompt_tokens
+    return first if first is not None else time.perf_counter() - started, prompt, cached
+
+
+def shared_prefix_workload(address: str, seed: int, families: int, per_family: int, system_words: int,
+                           concurrency: int, new_tokens: int) -> tuple[list[float], int, int]:
+    """``families`` x ``per_family`` chat requests, shuffled, from ``concurrency`` clients:
+    (each time to first token, prompt tokens, prompt tokens from the cache)."""
+    rng = random.Random(seed)
+    systems = [system_prompt(rng, system_words) for _ in range(families)]
+    work = [(systems[f], f"Question {q}: what is note {rng.randrange(100)} about?")
+            for f in range(families) for q in range(per_family)]
+    rng.shuffle(work)
+
+    async def run():
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in work:
+            queue.put_nowait(item)
+        results = []
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+            async def client() -> None:
+                while not queue.empty():
+                    system, question = queue.get_nowait()
+                    results.append(await chat_stream(stub, system, question, new_tokens))
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        return results
+
+    results = asyncio.run(run())
+    return [r[0] for r in results], sum(r[1] for r in results), sum(r[2] for r in results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def routing(checkpoint: str | None, quick: bool) -> list[tuple[str, str]]:
+    """Section 4: two replicas, round robin vs prefix routing through the gateway."""
+    families, per_family, system_words, concurrency, new_tokens = (4, 4, 150, 4, 4) if quick else (8, 12, 800, 8, 8)
+    tokenizer = ServiceProcess("tokenizer_service", *(["--tokenizer", checkpoint] if checkpoint else []))
+    models = [ServiceProcess("model_service", *(["--checkpoint", checkpoint] if checkpoint else []),
+                             "--max-seq-len", "2048", "--kv-cache-tokens", "4096" if quick else "8192",
+                             "--max-batch-size", "16", "--max-queue", "256", "--prefill-chunk", "512")
+              for _ in range(2)]
+    rows = []
+    try:
+        tokenizer.wait_healthy(timeout=120)
+        for model in models:
+            model.wait_healthy(timeout=600)
+        for number, policy in enumerate(("round_robin", "prefix")):
+            gateway = ServiceProcess("gateway", "--tokenizer-address", tokenizer.address, "--model-address",
+                                     ",".join(m.address for m in models), "--routing", policy,
+                                     "--health-interval", "0.5")
+            try:
+                gateway.wait_healthy(timeout=120)
+                served = [counter(m, "llama_model_requests_total", method="Generate") for m in models]
+                shared_prefix_workload(gateway.address, 1000 + number, 2, 1, 20, 2, 2)  # warm-up, other prompts
+                before = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") for m in models]
+                started = time.perf_counter()
+                ttfts, prompt, cached = shared_prefix_workload(gateway.address, number, families, per_family,
+                                                                system_words, concurrency, new_tokens)
+                wall = time.perf_counter() - started
+                split = [counter(m, "llama_model_requests_total", method="Generate") - s for m, s in zip(models, served, strict=True)]
+                hits = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") - b for m, b in zip(models, before,
+                                                                                                   strict=True)]
+            finally:
+                gateway.stop()
+            rows.append((f"2 replicas, --routing {policy}",
+                         f"prefix hits {cached / max(prompt, 1):.0%} of {prompt} prompt tokens "
+                         f"(replicas' own count: {sum(hits):.0f}), TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms "
+                         f"p99 {percentile(ttfts, 0.99) * 1000:.0f} ms, calls per replica "
+                         f"{'/'.join(f'{c:.0f}' for c in split)}, {wall:.0f} s"))
+    finally:
+        for process in (*models, tokenizer):
+            process.stop()
+    rows.insert(0, ("routing workload", f"{families} families x {per_family} chats, ~{system_words}-word shared "
+                                        f"system prompt each, {concurrency} clients, {new_tokens} new tokens"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the bench runs")
+    parser.add_argument("--only", choices=["all", "routing"], default="all",
+                        help="routing: only section 4 (two replicas, prefix routing vs round robin)")
     args = parser.parse_args()
     q = args.quick
+    if args.only == "routing":
+        print_table(routing(args.checkpoint, q))
+        return
     system_len = 300 if q else 1500
     rows = []
 
@@ -187,7 +312,11 @@ def main() -> None:
                      f"{rate:.1f} tok/s aggregate ({cached} prompt tokens from the cache)"))
     rows.append((f"{n} streams: prefix cache speed-up",
                  f"{rates['with prefix cache'] / rates['without prefix cache']:.1f}x"))
+    rows += routing(args.checkpoint, q)
+    print_table(rows)
 
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     print(f"\n{'measurement':<{width}}  result")
     for name, value in rows:
