@@ -128,12 +128,12 @@ def hf(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
 
 # ---- llama-grpc in-process -----------------------------------------------------------------------
 
-def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str) -> dict:
+def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str, compile: bool) -> dict:
     from model_service.build import build
     from model_service.model import Batch
 
     max_streams = max(STREAMS)
-    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype)
+    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype, compile=compile)
     model = loaded.model
     row: dict = {"quantization": loaded.info.quantization}
 
@@ -302,7 +302,7 @@ def goals(results: dict, gguf_bytes: int, cache_mb: float) -> str:
     base = cpp.get("decode_tok_s")
     r1 = stack.get("decode_tok_s") / base if base else None
     goal("full-stack single-stream decode / llama.cpp", r1, ">= 1.0", None if r1 is None else r1 >= 1.0)
-    r16 = stack.get("agg_16_tok_s") / base if base else None
+    r16 = stack["agg_16_tok_s"] / base if base and stack.get("agg_16_tok_s") else None
     goal("16-stream aggregate / llama.cpp single stream", r16, ">= 5", None if r16 is None else r16 >= 5)
     t = stack.get("ttft_1024_ms") / cpp["ttft_1024_ms"] if cpp.get("ttft_1024_ms") else None
     goal("TTFT 1024-token prompt, full stack / llama.cpp", t, "<= 1.0", None if t is None else t <= 1.0)
@@ -324,8 +324,8 @@ def main() -> None:
                         help="llama-grpc's activations: float32 (the service default: int4/int8 calls with two "
                              "bfloat16 halves, closest to llama.cpp's tokens) or bfloat16 (one call, fastest)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="llama-grpc's decode step torch.compile'd (the service's --compile / --no-compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="llama-grpc with --compile (the service default is --no-compile)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "peers.json"))
     ns = parser.parse_args()
     STREAMS[:] = [int(s) for s in ns.streams.split(",")]
@@ -349,7 +349,7 @@ def main() -> None:
     ids = meta["ids"]
     print(f"  services done ({time.monotonic() - started:.0f} s): {meta['quantization']}", file=sys.stderr, flush=True)
     if "in_process" not in skip:
-        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype)
+        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype, ns.compile)
         print(f"  in-process done ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if "llama_cpp" not in skip:
         results["llama_cpp"] = llama_cpp(checkpoint, ids, 2 * ns.new_tokens)
