@@ -228,7 +228,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def routing(checkpoint: str | None, quick: bool) -> list[tuple[str, str]]:
     """Section 4: two replicas, round robin vs prefix routing through the gateway."""
-    families, per_family, system_words, concurrency, new_tokens = (4, 4, 150, 4, 4) if quick else (8, 12, 800, 8, 8)
+    families, per_family, system_words, concurrency, new_tokens = (4, 4, 150, 4, 4) if quick else (8, 8, 600, 8, 8)
     tokenizer = ServiceProcess("tokenizer_service", *(["--tokenizer", checkpoint] if checkpoint else []))
     models = [ServiceProcess("model_service", *(["--checkpoint", checkpoint] if checkpoint else []),
                              "--max-seq-len", "2048", "--kv-cache-tokens", "4096" if quick else "8192",
@@ -245,8 +245,8 @@ def routing(checkpoint: str | None, quick: bool) -> list[tuple[str, str]]:
                                      "--health-interval", "0.5")
             try:
                 gateway.wait_healthy(timeout=120)
-                served = [counter(m, "llama_model_requests_total", method="Generate") for m in models]
                 shared_prefix_workload(gateway.address, 1000 + number, 2, 1, 20, 2, 2)  # warm-up, other prompts
+                served = [counter(m, "llama_model_requests_total", method="Generate") for m in models]
                 before = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") for m in models]
                 started = time.perf_counter()
                 ttfts, prompt, cached = shared_prefix_workload(gateway.address, number, families, per_family,
