@@ -34,7 +34,7 @@ import ipaddress
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -195,7 +195,8 @@ class ReplicaSet:
 
     def __init__(self, address: str, make_channel: Callable[[str], grpc.aio.Channel],
                  metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple, *, routing: str = DEFAULT_ROUTING,
-                 health_interval: float = 1.0, resolve_interval: float = 5.0, balance: Balance = Balance()) -> None:
+                 health_interval: float = 1.0, resolve_interval: float = 5.0, balance: Balance = Balance(),
+                 resolver: Callable[[ReplicaAddress], Awaitable[list[str]]] | None = None) -> None:
         if routing not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}, not {routing!r}")
         self.address = address
@@ -206,6 +207,7 @@ class ReplicaSet:
         self.balance = balance
         self.report_ttl = REPORT_TTL_ROUNDS * max(health_interval, 0.2)
         self.resolve_interval = resolve_interval
+        self.resolver = resolver or resolve
         self.replicas: dict[str, Replica] = {}
         self.retired: list[Replica] = []  # gone from DNS: closed once their calls have ended
         self.index = PrefixIndex()
@@ -241,7 +243,7 @@ class ReplicaSet:
         wanted: list[str] = []
         for entry in self.entries:
             try:
-                wanted += await resolve(entry)
+                wanted += await self.resolver(entry)
             except OSError as error:  # keep what we had: a DNS hiccup is not a replica leaving
                 log.warning("cannot resolve model address", address=entry.hostport, error=str(error))
                 return

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.replicas import ReplicaSet, parse_model_address
+from gateway.replicas import ReplicaAddress, ReplicaSet, parse_model_address, resolve
 from gateway.routing import (
     MIN_MATCH_FRACTION,
     Balance,
@@ -204,3 +204,30 @@ def test_model_addresses(address: str, entries: list[tuple[str, bool]]):
 def test_bad_model_addresses(address: str):
     with pytest.raises(ValueError):
         parse_model_address(address)
+
+
+def test_a_dns_name_is_followed_as_its_addresses_come_and_go():
+    answers = [["10.0.0.1:50052", "10.0.0.2:50052"], ["10.0.0.2:50052", "10.0.0.3:50052"]]
+
+    async def resolver(entry):  # noqa: ANN001, ANN202 -- what DNS says, one answer per look-up
+        assert (entry.hostport, entry.dns) == ("model.default.svc:50052", True)
+        return answers.pop(0)
+
+    async def follow() -> list[list[str]]:
+        replicas = ReplicaSet("dns:///model.default.svc:50052", lambda address: NoChannel(), resolver=resolver)
+        seen = [list(replicas.replicas)]
+        await replicas._resolve()
+        seen.append(list(replicas.replicas))
+        replicas.index.remember("10.0.0.1:50052", [1, 2])
+        await replicas._resolve()
+        seen.append(list(replicas.replicas))
+        assert replicas.index.cached_blocks("10.0.0.1:50052") == 0  # what it held is forgotten
+        assert [r.address for r in replicas.retired] == ["10.0.0.1:50052"]  # closed once its calls end
+        return seen
+
+    assert asyncio.run(follow()) == [[], ["10.0.0.1:50052", "10.0.0.2:50052"], ["10.0.0.2:50052", "10.0.0.3:50052"]]
+
+
+def test_resolving_a_name_gives_every_address():
+    assert "127.0.0.1:7" in asyncio.run(resolve(ReplicaAddress("localhost:7", dns=True)))
+    assert asyncio.run(resolve(ReplicaAddress("localhost:7"))) == ["localhost:7"]
