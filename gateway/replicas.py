@@ -193,7 +193,7 @@ class Admission:
 class ReplicaSet:
     """Every replica of the model service; admission and routing over them."""
 
-    def __init__(self, address: str, make_channel: Callable[[str], grpc.aio.Channel],
+    def __init__(self, address: str, make_channel: Callable[[str, str | None], grpc.aio.Channel],
                  metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple, *, routing: str = DEFAULT_ROUTING,
                  health_interval: float = 1.0, resolve_interval: float = 5.0, balance: Balance = Balance(),
                  resolver: Callable[[ReplicaAddress], Awaitable[list[str]]] | None = None) -> None:
@@ -219,9 +219,11 @@ class ReplicaSet:
             if not entry.dns:
                 self._add(entry.hostport)
 
-    def _add(self, address: str) -> None:
+    def _add(self, address: str, name: str | None = None) -> None:
+        """A replica at ``address``; ``name``: the DNS name it was found under (what its TLS
+        certificate names, rather than its IP address)."""
         if address not in self.replicas:
-            self.replicas[address] = Replica(address, self.make_channel(address))
+            self.replicas[address] = Replica(address, self.make_channel(address, name))
             log.info("model replica added", replica=address)
 
     # ---- refreshing what the gateway knows -------------------------------------------------
@@ -240,15 +242,16 @@ class ReplicaSet:
 
     async def _resolve(self) -> None:
         self._resolved_at = time.monotonic()
-        wanted: list[str] = []
+        wanted: dict[str, str | None] = {}
         for entry in self.entries:
             try:
-                wanted += await self.resolver(entry)
+                name = entry.hostport.rpartition(":")[0].strip("[]") if entry.dns else None
+                wanted.update((address, name) for address in await self.resolver(entry))
             except OSError as error:  # keep what we had: a DNS hiccup is not a replica leaving
                 log.warning("cannot resolve model address", address=entry.hostport, error=str(error))
                 return
-        for address in wanted:
-            self._add(address)
+        for address, name in wanted.items():
+            self._add(address, name)
         for address in [a for a in self.replicas if a not in wanted]:
             replica = self.replicas.pop(address)
             self.index.forget(address)

@@ -286,10 +286,14 @@ class ModelClient:
         self.replicas = ReplicaSet(address, self._channel, self.metadata, routing=routing,
                                    health_interval=health_interval, resolve_interval=resolve_interval)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, address: str, name: str | None = None) -> grpc.aio.Channel:
+        """A channel to one replica; ``name``: the DNS name it was found under, which its certificate
+        names (dialled by IP, TLS checks the certificate against that name)."""
         credentials = self.security.credentials()
-        return (grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
-                else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+        if not credentials:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        options = CHANNEL_OPTIONS + ((("grpc.ssl_target_name_override", name),) if name else ())
+        return grpc.aio.secure_channel(address, credentials, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         metadata = tuple(outgoing_metadata())

@@ -133,7 +133,7 @@ class NoChannel:
 
 def replica_set(*capacities: int, routing: str = "prefix") -> ReplicaSet:
     addresses = ",".join(f"127.0.0.1:{port}" for port in range(1, len(capacities) + 1))
-    replicas = ReplicaSet(addresses, lambda address: NoChannel(), routing=routing)
+    replicas = ReplicaSet(addresses, lambda address, name: NoChannel(), routing=routing)
     for replica, capacity in zip(replicas.replicas.values(), capacities, strict=True):
         replica.serving = True
         replica.info = model_pb2.GetModelInfoResponse(max_batch_size=capacity, max_queue=0, kv_block_size=4,
@@ -214,7 +214,7 @@ def test_a_dns_name_is_followed_as_its_addresses_come_and_go():
         return answers.pop(0)
 
     async def follow() -> list[list[str]]:
-        replicas = ReplicaSet("dns:///model.default.svc:50052", lambda address: NoChannel(), resolver=resolver)
+        replicas = ReplicaSet("dns:///model.default.svc:50052", lambda address, name: NoChannel(), resolver=resolver)
         seen = [list(replicas.replicas)]
         await replicas._resolve()
         seen.append(list(replicas.replicas))
