@@ -395,6 +395,9 @@ class ModelStream:
         return True
 
     async def __aiter__(self) -> AsyncIterator[ModelChunk]:
+        if self.call is None:  # no replica at all (a DNS name that resolves to none)
+            self.admission.release(held=False)
+            raise Unavailable(f"{self.client.name} unavailable at {self.client.address}: no replica is known")
         finished = 0
         received = False
         while True:
@@ -433,10 +436,12 @@ class ModelStream:
     async def wait_closed(self) -> None:
         """After the last message: let the call end with its own status (a cancel now would make
         a finished generation look cancelled to the model service)."""
-        await self.call.code()
+        if self.call is not None:
+            await self.call.code()
         self.admission.release()
 
     def cancel(self) -> None:
         self.cancelled = True
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
         self.admission.release()

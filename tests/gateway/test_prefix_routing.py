@@ -11,6 +11,7 @@ import pytest
 
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
 from .conftest import GREEDY, metric, start_gateway, start_model, start_tokenizer
 
@@ -34,7 +35,7 @@ class Replicated:
 
     def __init__(self) -> None:
         self.tokenizer = start_tokenizer()
-        self.models = [start_model(), start_model()]
+        self.models = [start_model("--max-seq-len", "2048"), start_model("--max-seq-len", "2048")]
         self.tokenizer.wait_healthy()
         for model in self.models:
             model.wait_healthy(timeout=300)
@@ -46,6 +47,12 @@ class Replicated:
     def served(self) -> list[float]:
         """Generate calls each replica has answered OK, by its own metrics."""
         return [metric(m.metrics_text(), "llama_model_requests_total", method="Generate", code="OK") for m in self.models]
+
+    def live(self, index: int) -> int:
+        """Sequences running or queued on replica ``index``, by its GetLoad."""
+        with grpc.insecure_channel(self.models[index].address) as channel:
+            load = model_pb2_grpc.ModelServiceStub(channel).GetLoad(model_pb2.GetLoadRequest(), timeout=10).load
+        return load.running_sequences + load.queued_requests
 
     def hit_tokens(self) -> list[float]:
         return [metric(m.metrics_text(), "llama_model_prefix_cache_hit_tokens_total") for m in self.models]
@@ -90,6 +97,15 @@ def test_a_family_of_shared_prefix_requests_stays_on_one_replica_and_hits_its_ca
     assert deltas(replicated.routed(), routed) == went
     hit = deltas(replicated.hit_tokens(), hits)
     assert hit[home] >= sum(cached) and hit[1 - home] == 0, hit
+    # One more member held open: the replicas' own GetLoad says it runs at home, nothing elsewhere.
+    held = replicated.stub.GenerateStream(gateway_pb2.GenerateStreamRequest(
+        messages=chat(system, "Tell a long story.").messages, sampling=GREEDY,
+        stopping=common_pb2.StoppingCriteria(max_new_tokens=1800, min_new_tokens=1800)), timeout=120)
+    try:
+        next(held)
+        assert [replicated.live(i) for i in (0, 1)] == [int(i == home) for i in (0, 1)]
+    finally:
+        held.cancel()
 
 
 def test_unrelated_requests_spread_over_both_replicas(replicated: Replicated):
