@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -97,11 +97,14 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging
+bench: bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
 	$(PY) bench/model_bench.py
+# The model core's decode options A/B in one process (separate vs fused projections, eager vs --compile).
+bench-decode: install assets
+	$(PY) bench/decode_ab.py
 bench-engine: install assets
 	$(PY) bench/engine_bench.py
 bench-cache: install assets
