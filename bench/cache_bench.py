@@ -230,41 +230,48 @@ def routing(checkpoint: str | None, quick: bool) -> list[tuple[str, str]]:
     """Section 4: two replicas, round robin vs prefix routing through the gateway."""
     families, per_family, system_words, concurrency, new_tokens = (4, 4, 150, 4, 4) if quick else (8, 8, 600, 8, 8)
     tokenizer = ServiceProcess("tokenizer_service", *(["--tokenizer", checkpoint] if checkpoint else []))
-    models = [ServiceProcess("model_service", *(["--checkpoint", checkpoint] if checkpoint else []),
-                             "--max-seq-len", "2048", "--kv-cache-tokens", "4096" if quick else "8192",
-                             "--max-batch-size", "16", "--max-queue", "256", "--prefill-chunk", "512")
-              for _ in range(2)]
     rows = []
     try:
         tokenizer.wait_healthy(timeout=120)
-        for model in models:
-            model.wait_healthy(timeout=600)
-        for number, policy in enumerate(("round_robin", "prefix")):
-            gateway = ServiceProcess("gateway", "--tokenizer-address", tokenizer.address, "--model-address",
-                                     ",".join(m.address for m in models), "--routing", policy,
-                                     "--health-interval", "0.5")
+        runs = [(kv, policy) for kv in ((4096,) if quick else (8192, 3072)) for policy in ("round_robin", "prefix")]
+        for number, (kv_tokens, policy) in enumerate(runs):
+            # Fresh replicas for each policy (both start cold), one core each (OMP_NUM_THREADS=1): two
+            # replicas with two OpenMP threads each on 2 cores spin against each other, and that noise
+            # would swamp what routing changes.
+            models = [ServiceProcess("model_service", *(["--checkpoint", checkpoint] if checkpoint else []),
+                                     "--max-seq-len", "2048", "--kv-cache-tokens", str(kv_tokens),
+                                     "--max-batch-size", "16", "--max-queue", "256", "--prefill-chunk", "512",
+                                     env={"OMP_NUM_THREADS": "1"})
+                      for _ in range(2)]
+            gateway = None
             try:
+                for model in models:
+                    model.wait_healthy(timeout=600)
+                gateway = ServiceProcess("gateway", "--tokenizer-address", tokenizer.address, "--model-address",
+                                         ",".join(m.address for m in models), "--routing", policy,
+                                         "--health-interval", "0.5")
                 gateway.wait_healthy(timeout=120)
                 shared_prefix_workload(gateway.address, 1000 + number, 2, 1, 20, 2, 2)  # warm-up, other prompts
                 served = [counter(m, "llama_model_requests_total", method="Generate") for m in models]
                 before = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") for m in models]
                 started = time.perf_counter()
-                ttfts, prompt, cached = shared_prefix_workload(gateway.address, number, families, per_family,
+                ttfts, prompt, cached = shared_prefix_workload(gateway.address, 0, families, per_family,
                                                                 system_words, concurrency, new_tokens)
                 wall = time.perf_counter() - started
-                split = [counter(m, "llama_model_requests_total", method="Generate") - s for m, s in zip(models, served, strict=True)]
-                hits = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") - b for m, b in zip(models, before,
-                                                                                                   strict=True)]
+                split = [counter(m, "llama_model_requests_total", method="Generate") - s
+                         for m, s in zip(models, served, strict=True)]
+                hits = [gauge(m, "llama_model_prefix_cache_hit_tokens_total") - b
+                        for m, b in zip(models, before, strict=True)]
             finally:
-                gateway.stop()
-            rows.append((f"2 replicas, --routing {policy}",
+                for process in ([gateway] if gateway else []) + models:
+                    process.stop()
+            rows.append((f"2 replicas of {kv_tokens} cache tokens, --routing {policy}",
                          f"prefix hits {cached / max(prompt, 1):.0%} of {prompt} prompt tokens "
                          f"(replicas' own count: {sum(hits):.0f}), TTFT p50 {statistics.median(ttfts) * 1000:.0f} ms "
                          f"p99 {percentile(ttfts, 0.99) * 1000:.0f} ms, calls per replica "
                          f"{'/'.join(f'{c:.0f}' for c in split)}, {wall:.0f} s"))
     finally:
-        for process in (*models, tokenizer):
-            process.stop()
+        tokenizer.stop()
     rows.insert(0, ("routing workload", f"{families} families x {per_family} chats, ~{system_words}-word shared "
                                         f"system prompt each, {concurrency} clients, {new_tokens} new tokens"))
     return rows
