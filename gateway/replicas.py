@@ -43,6 +43,7 @@ import structlog
 from llama_grpc_runtime.errors import ResourceExhausted
 from llama_grpc_runtime.health import is_serving_async
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
+from model_service.scheduler import block_keys
 
 from .metrics import gateway_metrics
 from .routing import (
@@ -52,7 +53,6 @@ from .routing import (
     PrefixIndex,
     ReplicaView,
     Route,
-    block_hashes,
     route_prefix,
     route_round_robin,
 )
@@ -346,7 +346,7 @@ class ReplicaSet:
         n = admission.n
         # Replicas of one model share a block size; one without a prefix cache never matches.
         block_size = next((r.block_size for r in pool if r.block_size), 0) if self.routing == "prefix" else 0
-        hashes = block_hashes(prompt_token_ids, block_size) if block_size else []
+        hashes = block_keys(list(prompt_token_ids), block_size) if block_size else []
         views = [ReplicaView(r.address, load := r.load(self.report_ttl), r.capacity - load,
                              self.index.matched_blocks(r.address, hashes) if r.block_size == block_size else 0)
                  for r in pool]

@@ -7,8 +7,9 @@ Plain Python, no I/O: the policies see each replica as a ``ReplicaView`` (its lo
 prompt in its prefix cache, so that replica computes only the rest:
 
 - A prompt is cut into blocks of the model's ``kv_block_size`` tokens; block i is named by a hash of
-  its tokens and of every block before it (as the model service's prefix cache names them), so two
-  prompts share block i's hash exactly when they share their first i+1 blocks.
+  its tokens and of every block before it (``model_service.scheduler.block_keys``: the very names
+  the model service's prefix cache gives them), so two prompts share block i's name exactly when
+  they share their first i+1 blocks.
 - ``PrefixIndex`` remembers, per replica, the block hashes of the prompts sent there, least
   recently used first out, at most as many as the replica's KV cache has blocks (it cannot hold more).
 - The replica with the longest run of remembered leading blocks wins when that run covers more than
@@ -63,22 +64,11 @@ class Route:
     matched_blocks: int = 0
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """One hash per full block of ``token_ids``, each covering the block and all before it."""
-    hashes: list[int] = []
-    previous = 0
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        # Hashes of ints and tuples of ints do not depend on PYTHONHASHSEED: stable across processes.
-        previous = hash((previous, tuple(token_ids[start:start + block_size])))
-        hashes.append(previous)
-    return hashes
-
-
 class PrefixIndex:
     """Per replica, the block hashes of prompts routed there (LRU, bounded per replica)."""
 
     def __init__(self) -> None:
-        self._blocks: dict[str, OrderedDict[int, None]] = {}
+        self._blocks: dict[str, OrderedDict[bytes, None]] = {}
         self._limits: dict[str, int] = {}
 
     def set_limit(self, key: str, blocks: int) -> None:
@@ -86,7 +76,7 @@ class PrefixIndex:
         self._limits[key] = max(blocks, 0)
         self._trim(key)
 
-    def remember(self, key: str, hashes: Sequence[int]) -> None:
+    def remember(self, key: str, hashes: Sequence[bytes]) -> None:
         blocks = self._blocks.setdefault(key, OrderedDict())
         for block in hashes:
             blocks[block] = None
@@ -97,7 +87,7 @@ class PrefixIndex:
         """The replica's cache is gone (it restarted, or left)."""
         self._blocks.pop(key, None)
 
-    def matched_blocks(self, key: str, hashes: Sequence[int]) -> int:
+    def matched_blocks(self, key: str, hashes: Sequence[bytes]) -> int:
         blocks = self._blocks.get(key)
         if not blocks:
             return 0

@@ -16,13 +16,13 @@ from gateway.routing import (
     Balance,
     PrefixIndex,
     ReplicaView,
-    block_hashes,
     load_bound,
     route_prefix,
     route_round_robin,
 )
 from llama_grpc_runtime.errors import ResourceExhausted
 from llama_grpc_stubs.model.v1 import model_pb2
+from model_service.scheduler import block_keys
 
 # ---- block hashes and the index ------------------------------------------------------------
 
@@ -30,7 +30,7 @@ from llama_grpc_stubs.model.v1 import model_pb2
 @given(st.lists(st.integers(0, 50_000), max_size=80), st.lists(st.integers(0, 50_000), max_size=80),
        st.integers(1, 16))
 def test_block_hashes_agree_exactly_on_shared_whole_blocks(a: list[int], b: list[int], block_size: int):
-    ha, hb = block_hashes(a, block_size), block_hashes(b, block_size)
+    ha, hb = block_keys(a, block_size), block_keys(b, block_size)
     assert len(ha) == len(a) // block_size
     for i in range(min(len(ha), len(hb))):
         same_prefix = a[:(i + 1) * block_size] == b[:(i + 1) * block_size]
@@ -39,18 +39,18 @@ def test_block_hashes_agree_exactly_on_shared_whole_blocks(a: list[int], b: list
 
 def test_block_hashes_do_not_depend_on_the_process():
     # Python hashes ints and tuples of ints without PYTHONHASHSEED: every gateway names blocks alike.
-    assert block_hashes(list(range(8)), 4) == block_hashes(list(range(8)), 4)
-    assert block_hashes([1, 2, 3], 4) == []
+    assert block_keys(list(range(8)), 4) == block_keys(list(range(8)), 4)
+    assert block_keys([1, 2, 3], 4) == []
 
 
 def test_index_matches_the_longest_remembered_prefix_and_forgets_least_recent_first():
     index = PrefixIndex()
     index.set_limit("a", 3)
-    family = block_hashes(list(range(64)), 16)  # 4 blocks
+    family = block_keys(list(range(64)), 16)  # 4 blocks
     index.remember("a", family[:2])
     assert index.matched_blocks("a", family) == 2
     assert index.matched_blocks("b", family) == 0
-    index.remember("a", block_hashes([7] * 32, 16))  # 2 more: the oldest block goes
+    index.remember("a", block_keys([7] * 32, 16))  # 2 more: the oldest block goes
     assert index.cached_blocks("a") == 3
     assert index.matched_blocks("a", family) == 0  # its first block was the least recently used
     index.forget("a")
