@@ -6,8 +6,8 @@ Differences from the reference, all for continuous batching:
   take cache in proportion to their length and can share blocks of a common prefix;
 - a forward pass takes a ``Batch``: tokens of several sequences concatenated, each sequence with its
   own block table and start position, so a prompt chunk of one sequence can run beside single
-  decode tokens of others. Attention reads the blocks in place: SDPA over the sequence's blocks
-  (a view when they are consecutive, a gather otherwise).
+  decode tokens of others. Attention is SDPA over a sequence's blocks: a view of the cache when they
+  are consecutive, else gathered into one buffer that every layer of the step reuses.
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ class _Plan:
     decode_blocks: torch.Tensor | slice | None  # [n_decode, n_blocks] tables, or a slice: one sequence, consecutive
     decode_len: int  # longest cache prefix among them
     decode_mask: torch.Tensor | None  # [n_decode, 1, 1, decode_len] bool, True = may attend
+    # Where gathered blocks go (keys, then values): a flat buffer that every gather of the step reuses
+    # in turn, at least ``2 * gather_blocks`` blocks long (None: the step gathers nothing).
+    workspace: torch.Tensor | None
+    gather_blocks: int  # the most blocks one gather of this step reads
     # Multi-token (prompt) chunks, one SDPA call each: (first token, length, blocks, end, mask).
     chunks: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]]
 
@@ -187,7 +191,10 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
     decode_only = not chunks
-    plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), decode_only, None, None, 0, None, chunks)
+    gather_blocks = max((blocks.numel() for _, _, blocks, _, _ in chunks if isinstance(blocks, torch.Tensor)),
+                        default=0)
+    plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), decode_only, None, None, 0, None, None,
+                 gather_blocks, chunks)
     if decode_rows:
         plan.decode_rows = None if decode_only else tensor(decode_rows)
         plan.decode_len = max(decode_pos) + 1
@@ -197,9 +204,29 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
             width = max(len(table) for table in decode_tables)
             # Short tables are padded with block 0: its positions lie past the sequence's end, masked.
             plan.decode_blocks = tensor([table + [0] * (width - len(table)) for table in decode_tables])
+        if isinstance(plan.decode_blocks, torch.Tensor):
+            plan.gather_blocks = max(plan.gather_blocks, plan.decode_blocks.numel())
         keys = torch.arange(plan.decode_len, device=device)
         plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
     return plan
+
+
+def _read_blocks(cache_k: torch.Tensor, cache_v: torch.Tensor, blocks: torch.Tensor | slice,
+                 workspace: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``blocks`` ([n, block_size, kv_heads, head_dim] each): views of the cache for a
+    slice, else gathered into the step's workspace. Gathering into memory every layer reuses, not into a
+    fresh tensor per layer: at batch 16 the fresh tensors' page faults cost more than the copy itself
+    (``make bench-paging``: paged decode 0.41-0.87x the slot cache's, now ~1x)."""
+    if isinstance(blocks, slice):
+        return cache_k[blocks], cache_v[blocks]
+    assert workspace is not None, "the step's plan has no workspace for its gathers"
+    index = blocks.reshape(-1)
+    size = index.numel() * math.prod(cache_k.shape[1:])
+    keys = workspace[:size].view(index.numel(), *cache_k.shape[1:])
+    values = workspace[size: 2 * size].view(index.numel(), *cache_k.shape[1:])
+    torch.index_select(cache_k, 0, index, out=keys)
+    torch.index_select(cache_v, 0, index, out=values)
+    return keys, values
 
 
 class Attention(nn.Module):
@@ -251,8 +278,9 @@ class Attention(nn.Module):
         if plan.decode_rows is not None:
             out[plan.decode_rows] = self._attend_decode(xq[plan.decode_rows], cache_k, cache_v, plan)
         for first, length, blocks, end, mask in plan.chunks:
-            chunk_k = cache_k[blocks].view(1, -1, *kv_shape[1:])[:, :end]  # [1, end, kv_heads, head_dim]
-            chunk_v = cache_v[blocks].view(1, -1, *kv_shape[1:])[:, :end]
+            chunk_k, chunk_v = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
+            chunk_k = chunk_k.view(1, -1, *kv_shape[1:])[:, :end]  # [1, end, kv_heads, head_dim]
+            chunk_v = chunk_v.view(1, -1, *kv_shape[1:])[:, :end]
             keys = repeat_kv(chunk_k, self.n_rep).transpose(1, 2)  # [1, heads, end, head_dim]
             values = repeat_kv(chunk_v, self.n_rep).transpose(1, 2)
             q = xq[first: first + length].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
@@ -267,8 +295,9 @@ class Attention(nn.Module):
         kv_shape = (self.n_local_kv_heads, self.head_dim)
         # [n_decode, decode_len, kv_heads, head_dim]: a view for one sequence in consecutive blocks,
         # else the sequences' blocks gathered.
-        keys = cache_k[plan.decode_blocks].view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
-        values = cache_v[plan.decode_blocks].view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
+        keys, values = _read_blocks(cache_k, cache_v, plan.decode_blocks, plan.workspace)
+        keys = keys.view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
+        values = values.view(n_decode, -1, *kv_shape)[:, : plan.decode_len]
         # GQA without repeat_kv's copy: the n_rep query heads that share a KV head become that
         # head's "query positions", so each cached K/V is read once (decode is memory-bound).
         q = xq.reshape(n_decode, self.n_local_kv_heads, self.n_rep, self.head_dim)
@@ -337,6 +366,7 @@ class Transformer(nn.Module):
         self.block_size = 0
         self.register_buffer("rope", None, persistent=False)
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
+        self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._attention_input = TransformerBlock.attention_input
         self._attention_output = TransformerBlock.attention_output
 
@@ -359,6 +389,7 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
+        self._workspace = None
 
     def compile(self) -> str:
         """``torch.compile`` the dense parts of a layer (norms, projections, RoPE, residuals, MLP) between
@@ -369,6 +400,18 @@ class Transformer(nn.Module):
         self._attention_output = torch.compile(TransformerBlock.attention_output, dynamic=True)
         self.compiled = "layers (norms, projections, RoPE, MLP; attention eager), dynamic token count"
         return self.compiled
+
+    def _gather_workspace(self, n_blocks: int) -> torch.Tensor:
+        """A flat buffer with room for ``n_blocks`` gathered blocks of keys and as many of values (one
+        layer's worth: each gather of a step reuses it in turn). Kept between steps and grown, never
+        shrunk: at most the running batch's padded context for one layer, 1 / n_layers of what a slot
+        cache for that batch would hold."""
+        cache = self.layers[0].attention.cache
+        need = 2 * n_blocks * math.prod(cache.k.shape[1:])
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = None  # let the old one go first
+            self._workspace = torch.empty(need, dtype=cache.k.dtype, device=cache.k.device)
+        return self._workspace
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Cache bytes one token takes on this rank (keys and values of every layer)."""
@@ -386,6 +429,8 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches() before forward()")
         device = self.rope.device
         plan = _make_plan(batch, self.block_size, self.num_blocks, self.max_seq_len, device)
+        if plan.gather_blocks:
+            plan.workspace = self._gather_workspace(plan.gather_blocks)
         tokens = batch.tokens.to(device, non_blocking=True)
         h = self.tok_embeddings(tokens)  # [n_tokens, dim]
         rope = self.rope[plan.positions]  # [n_tokens, head_dim // 2, 2]

@@ -75,6 +75,30 @@ def test_mixed_batch_equals_each_sequence_alone(model, slots):
     assert (last - torch.stack([r[-1] for r in rows])).abs().max().item() <= TOL
 
 
+def test_scattered_and_shared_block_tables_equal_full_recompute(model):
+    # Block tables as a busy pool leaves them: blocks in no order (every read is a gather), one block
+    # shared by two sequences (a cached prefix), gathers of different sizes in one step (decode rows and
+    # a prompt chunk), over several steps that reuse the gather workspace.
+    assert model.block_size == 16 and model.num_blocks == 24  # 6 slots x 64 positions; slot 5 is full()'s
+    free = torch.randperm(20, generator=torch.Generator().manual_seed(3)).tolist()  # blocks 0-19 in no order
+    seqs = [tokens(20, 40), tokens(35, 41), tokens(9, 42)]
+    seqs.append(torch.cat([seqs[0][:16], tokens(5, 43)]))  # shares sequence 0's first block
+    tables = [free[0:3], free[3:7], free[7:9], [free[0], free[9], free[10]]]
+    for i in range(3):
+        prefill_blocks = model(Batch(seqs[i], [tables[i]], [0], [len(seqs[i])]))
+        assert torch.isfinite(prefill_blocks).all()
+    model(Batch(seqs[3][16:], [tables[3]], [16], [5]))  # only the unshared part: a chunk over a gather
+    chunk = tokens(10, 44)  # sequence 2 goes on with a prompt chunk beside three decoding sequences
+    new = [tokens(1, 50), tokens(1, 51), chunk, tokens(1, 52)]
+    for step in range(3):
+        starts = [len(s) for s in seqs]
+        out = model(Batch(torch.cat(new), tables, starts, [len(t) for t in new]))
+        seqs = [torch.cat([s, t]) for s, t in zip(seqs, new, strict=True)]
+        for i, seq in enumerate(seqs):
+            assert (out[i] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}, sequence {i}"
+        new = [tokens(1, 60 + 4 * step + i) for i in range(4)]
+
+
 def test_stale_cache_contents_of_a_reused_slot_are_not_attended(model):
     prefill(model, tokens(30, 30), slot=2)  # a long earlier occupant
     seq = tokens(5, 31)
