@@ -27,6 +27,7 @@ from model_service.checkpoint import CheckpointReader, open_checkpoint, parallel
 from model_service.model import Transformer
 from model_service.quant import (
     GROUP_SIZE,
+    PACKED_ACTIVATIONS,
     QUANTIZE_MODES,
     GGMLBlocks,
     Int4Linear,
@@ -59,6 +60,7 @@ class CheckpointInfo:
     tp_size: int
     quantization: str = "none"  # what runs, e.g. "int4 (Q4_1 as stored) x210; int8 (from Q8_0, per row) x1"
     compile: str = "off"  # what runs torch.compile'd (Transformer.compile), or "off"
+    packed_activations: str = ""  # what packed kernels multiply (PACKED_ACTIVATIONS), "" without packed layers
     kv_num_blocks: int = 0  # the paged KV cache: this many blocks of kv_block_size tokens
     kv_block_size: int = 0
 
@@ -134,7 +136,7 @@ def weight_mode(reader: CheckpointReader, name: str, quantize: str | None) -> st
 
 def _quantized_module(reader: CheckpointReader, name: str, mode: str, dim: int | None, start: int, end: int, *,
                       device: torch.device, dtype: torch.dtype, parallel: str,
-                      gather_output: bool) -> tuple[torch.nn.Module, str]:
+                      gather_output: bool, exact: bool) -> tuple[torch.nn.Module, str]:
     """This rank's shard of ``name`` as a packed module, and a label saying how it was made."""
     ggml_type = reader.ggml_type(name)
     compute = compute_dtype_for(device)
@@ -154,18 +156,22 @@ def _quantized_module(reader: CheckpointReader, name: str, mode: str, dim: int |
             q, scale, zero = quantize_int4(reader.read(name, dim, start, end))
             label = f"int4 (from {ggml_type or 'float'}, per 32)"
         return Int4Linear(q, scale, zero, device=device, parallel=parallel, gather_output=gather_output,
-                          compute_dtype=compute), label
+                          compute_dtype=compute, exact=exact), label
     q, scale = quantize_int8(reader.read(name, dim, start, end))
-    return (Int8Linear(q, scale, device=device, parallel=parallel, gather_output=gather_output, compute_dtype=compute),
-            f"int8 (from {ggml_type or 'float'}, per row)")
+    return (Int8Linear(q, scale, device=device, parallel=parallel, gather_output=gather_output, compute_dtype=compute,
+                       exact=exact), f"int8 (from {ggml_type or 'float'}, per row)")
 
 
 def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp: int, dtype: torch.dtype,
-                 device: torch.device, quantize: str | None = "none") -> str:
+                 device: torch.device, quantize: str | None = "none", packed_activations: str = "bfloat16") -> str:
     """Replace every parameter by this rank's shard of the checkpoint tensor, one tensor at a time; a
-    quantised weight replaces its whole layer by a packed one. Returns what runs (``quantization``)."""
+    quantised weight replaces its whole layer by a packed one, whose kernels multiply activations as
+    ``packed_activations`` says (``quant.PACKED_ACTIVATIONS``). Returns what runs (``quantization``)."""
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    if packed_activations not in PACKED_ACTIVATIONS:
+        raise ValueError(f"unknown packed_activations {packed_activations!r}; use one of "
+                         f"{', '.join(PACKED_ACTIVATIONS)}")
     params = dict(model.named_parameters())  # tied output.weight appears once, as tok_embeddings.weight
     expected = set(params) | ({"output.weight"} if model.params.tie_word_embeddings else set())
     unexpected = [reader.source_name(n) for n in reader.names()
@@ -208,7 +214,7 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
                 for target, parallel in sources:
                     module, label = _quantized_module(
                         reader, name, mode, dim, start, end, device=device, dtype=dtype, parallel=parallel,
-                        gather_output=target == "output.weight")
+                        gather_output=target == "output.weight", exact=packed_activations == "float32")
                     parent, _, leaf = target.removesuffix(".weight").rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, leaf, module)
                     labels.append(label)
@@ -249,7 +255,8 @@ def describe(labels: list[str]) -> str:
 def build(checkpoint: str | Path | None = None, *, device: str | torch.device = "cpu",
           dtype: torch.dtype | str = torch.float32, max_batch_size: int, max_seq_len: int | None,
           seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None,
-          kv_cache_tokens: int | None = None, kv_block_size: int = 16, compile: bool = False) -> LoadedModel:
+          kv_cache_tokens: int | None = None, kv_block_size: int = 16, compile: bool = False,
+          packed_activations: str = "bfloat16") -> LoadedModel:
     """Load a checkpoint (Meta dir, HF dir, or GGUF file; None = the embedded default model) as this
     rank's shard, allocate the paged KV cache and return it ready for ``model.forward``.
 
@@ -261,7 +268,8 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
     quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers' dense
     parts run ``torch.compile``'d (compiled on the first forward; the compiled code is cached on disk,
-    see ``use_compile_cache``, so a restart does not compile again).
+    see ``use_compile_cache``, so a restart does not compile again). ``packed_activations``: what the
+    packed kernels of a float32 model multiply (``quant.PACKED_ACTIVATIONS``).
     """
     started = time.monotonic()
     dtype, device = parse_dtype(dtype), torch.device(device)
@@ -285,7 +293,8 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
 
     with _default_dtype(dtype):
         model = Transformer(args)
-    quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize)
+    quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize,
+                                packed_activations=packed_activations)
     fuse_projections(model)
     model.eval()
     if kv_block_size < 1:
@@ -306,7 +315,10 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         bos_token_id=reader.bos_token_id, vocab_size=args.vocab_size, max_seq_len=serving_len,
         parameter_count=parameter_count(args), dtype=str(dtype).removeprefix("torch."), device=str(device),
         tp_size=tp, quantization=quantization, compile=compiled, kv_num_blocks=num_blocks,
-        kv_block_size=kv_block_size)
+        kv_block_size=kv_block_size,
+        # A float32 model's choice; other dtypes reach the kernels as bfloat16 whatever was asked.
+        packed_activations="" if quantization == "none" else
+        "float32" if packed_activations == "float32" and dtype == torch.float32 else "bfloat16")
     del reader  # unmaps the checkpoint: its pages no longer count as this process's memory
     _release_freed_memory()
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():

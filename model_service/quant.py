@@ -11,9 +11,12 @@ Kernels are PyTorch's own (the ones gpt-fast and torchao's CPU/CUDA int4 and int
 - The CPU kernels are fast with bfloat16 activations only (float32 and float16 take a reference path
   ~50x slower), so the matmul runs in bfloat16 (``compute_dtype``) and its output is cast back to the
   model's dtype; scales and zeros are stored in that dtype too (fp16 GGUF scales lose 3 mantissa bits).
-  A float32 model keeps float32's answers anyway: activations are split into two bfloat16 halves and
-  the scales' rounding is applied in a second call (see ``_QuantLinear.forward``); a bfloat16 model
-  takes the single fast call.
+  What a float32 model feeds them is ``PACKED_ACTIVATIONS``' choice (``--packed-activations``):
+  "bfloat16" (default) rounds the activations to bfloat16 for one call, as llama.cpp rounds them to
+  8 bits (Q8_1) for its own 4-bit dot products; "float32" splits them into two bfloat16 halves and adds
+  the scales' rounding back in a second call, which computes the dequantised float32 linear to ~0.5%
+  and costs 1.3-2.3x the time (see ``_QuantLinear.forward``). Beside llama.cpp on SmolLM2's Q4_1 file
+  both agree on ~97% of next tokens given the same context. A bfloat16 model takes the single call.
 
 torchao was the first choice, but its CPU int4 tensor is built by quantising a float weight (no way in
 for the file's own scales and zeros without a float copy) and its int8 weight-only CPU path dequantises
@@ -43,6 +46,9 @@ from torch import nn
 
 GROUP_SIZE = 32  # int4 group width; also the block width of GGUF's Q4_0 / Q4_1 / Q8_0
 QUANTIZE_MODES = ("none", "int8", "int4")
+# What the packed kernels of a float32 model multiply: activations rounded to bfloat16 (one call), or
+# float32 ones as two bfloat16 halves plus the scales' rounding (the dequantised float32 linear).
+PACKED_ACTIVATIONS = ("bfloat16", "float32")
 # Bytes per 32-column block (fp16 scale [, fp16 min], then the quants), from ggml-common.h.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
@@ -138,10 +144,11 @@ class _QuantLinear(nn.Module):
     """Shared forward: fairscale's parallel-region calls around a packed matmul."""
 
     def __init__(self, in_features: int, out_features: int, parallel: str | None, gather_output: bool,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, exact: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # this rank's sizes
         self.parallel, self.gather_output, self.compute_dtype = parallel, gather_output, compute_dtype
+        self.exact = exact  # float32 activations as two bfloat16 halves (PACKED_ACTIVATIONS "float32")
         # copy_to_model_parallel_region (a column layer's input) is the identity outside autograd.
         self._reduce = parallel == "row" and _tp_size() > 1
         self._gather = parallel == "column" and gather_output and _tp_size() > 1
@@ -156,10 +163,9 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features] in x's dtype
         x2 = x.reshape(-1, x.shape[-1])
-        if x.dtype == torch.float32:
-            # float32 model: a bfloat16 activation keeps 8 significant bits, enough to flip near-ties
-            # between tokens. x = hi + lo (both bfloat16, ~16 bits together) in one call of twice the
-            # rows: at decode the kernel is memory-bound, so the second row costs little.
+        if x.dtype == torch.float32 and self.exact:
+            # A bfloat16 activation keeps 8 significant bits; x = hi + lo (both bfloat16, ~16 bits
+            # together) in one call of twice the rows, then the scales' rounding in a second call.
             hi = x2.to(self.compute_dtype)
             lo = (x2 - hi).to(self.compute_dtype)
             both = self._mm(torch.cat([hi, lo]))
@@ -185,9 +191,9 @@ class Int4Linear(_QuantLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, device: torch.device,
                  parallel: str | None = None, gather_output: bool = False,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+                 compute_dtype: torch.dtype = torch.bfloat16, exact: bool = False):
         n, k = q.shape
-        super().__init__(k, n, parallel, gather_output, compute_dtype)
+        super().__init__(k, n, parallel, gather_output, compute_dtype, exact)
         self.group_size = k // scale.shape[1]
         q = q.to(device)
         if device.type == "cuda":
@@ -198,12 +204,13 @@ class Int4Linear(_QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.register_buffer("packed", packed, persistent=False)
         # [K/g, N, 2]: (scale, zero) per group and output row, as both kernels take them; the kernels
-        # take them in bfloat16, so the rounding left over is kept too (used by float32 models).
-        exact = torch.stack([scale.t(), zero.t()], -1).float()
-        self.register_buffer("scales_zeros", exact.to(device=device, dtype=compute_dtype).contiguous(),
+        # take them in bfloat16, so with ``exact`` the rounding left over is kept too.
+        full = torch.stack([scale.t(), zero.t()], -1).float()
+        self.register_buffer("scales_zeros", full.to(device=device, dtype=compute_dtype).contiguous(),
                              persistent=False)
-        self.register_buffer("scales_zeros_low", (exact - self.scales_zeros.float().cpu()).to(
-            device=device, dtype=compute_dtype).contiguous(), persistent=False)
+        if exact:
+            self.register_buffer("scales_zeros_low", (full - self.scales_zeros.float().cpu()).to(
+                device=device, dtype=compute_dtype).contiguous(), persistent=False)
 
     def _mm(self, x: torch.Tensor, scales_zeros: torch.Tensor | None = None) -> torch.Tensor:
         scales_zeros = self.scales_zeros if scales_zeros is None else scales_zeros
@@ -212,16 +219,16 @@ class Int4Linear(_QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, scales_zeros)
 
     def _low_scales(self, hi: torch.Tensor) -> torch.Tensor:
-        return self._mm(hi, self.scales_zeros_low)
+        return self._mm(hi, self.scales_zeros_low)  # only called with exact, which registers it
 
 
 class Int8Linear(_QuantLinear):
     """Per-channel int8 weight-only linear: ``y = (x @ q.T) * scale``."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, *, device: torch.device, parallel: str | None = None,
-                 gather_output: bool = False, compute_dtype: torch.dtype = torch.bfloat16):
+                 gather_output: bool = False, compute_dtype: torch.dtype = torch.bfloat16, exact: bool = False):
         n, k = q.shape
-        super().__init__(k, n, parallel, gather_output, compute_dtype)
+        super().__init__(k, n, parallel, gather_output, compute_dtype, exact)
         self.register_buffer("weight_int8", q.to(device).contiguous(), persistent=False)
         self.register_buffer("scales", scale.to(device=device, dtype=compute_dtype), persistent=False)
 

@@ -54,7 +54,7 @@ from .options import (
     completion_seed,
     constraint_from_message,
 )
-from .quant import QUANTIZE_MODES
+from .quant import PACKED_ACTIVATIONS, QUANTIZE_MODES
 from .sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
 from .tp_worker import LoadOptions, TensorParallelRunner
 
@@ -92,6 +92,7 @@ class ModelServiceConfig:
     kv_block_size: int
     no_prefix_cache: bool
     compile: bool
+    packed_activations: str
 
     @property
     def prefix_cache(self) -> bool:
@@ -121,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="run the layers' dense parts torch.compile'd (compiled at start-up, ~1 min on 2 CPU cores "
                          "the first time; cached under $LLAMA_GRPC_CACHE/inductor, so a restart takes seconds); "
                          "~8%% faster decode on CPU")
+    parser.add_flag("--packed-activations", default="bfloat16", choices=list(PACKED_ACTIVATIONS),
+                    help="what the int4/int8 kernels of a float32 model multiply: bfloat16 (activations rounded to "
+                         "bfloat16, one call; llama.cpp rounds them to 8 bits) or float32 (two bfloat16 halves "
+                         "and the scales' rounding: the dequantised float32 linear to ~0.5%%, 1.3-2.3x slower)")
     parser.add_flag("--max-batch-size", type=int, default=16, help="sequences decoded together (the running batch)")
     parser.add_flag("--max-seq-len", type=int, default=2048,
                     help="tokens per sequence (prompt + output), capped at the model's context; 0: the model's context")
@@ -354,6 +359,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             parameter_count=info.parameter_count,
             quantization=info.quantization,
             compile=info.compile,
+            packed_activations=info.packed_activations,
             max_new_tokens_limit=self.config.max_new_tokens_limit,
             capabilities=common_pb2.GenerationCapabilities(
                 sampling_options=SAMPLING_OPTIONS,
@@ -392,7 +398,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         options = LoadOptions(checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
                               max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len or None,
                               seed=config.seed, quantize=config.quantize, kv_cache_tokens=config.kv_cache_tokens,
-                              kv_block_size=config.kv_block_size, compile=config.compile)
+                              kv_block_size=config.kv_block_size, compile=config.compile,
+                              packed_activations=config.packed_activations)
         log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
                  device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
         if config.tp > 1:
@@ -416,7 +423,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                  kv_cache_mib=round(engine.kv_cache_tokens * self.runner_bytes_per_token(loaded) / 2**20, 1),
                  prefix_cache=engine.prefix_cache,
                  parameters=info.parameter_count, dtype=str(info.dtype), device=str(info.device),
-                 quantization=info.quantization, compile=info.compile)
+                 quantization=info.quantization, packed_activations=info.packed_activations, compile=info.compile)
         return engine
 
     @staticmethod

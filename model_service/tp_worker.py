@@ -54,6 +54,7 @@ class LoadOptions:
     kv_cache_tokens: int | None = None  # see build(): None = max_batch_size slots, 0 = the memory budget
     kv_block_size: int = 16
     compile: bool = False
+    packed_activations: str = "bfloat16"
 
     def build(self, device: str | None = None) -> Any:
         from .build import build
@@ -61,7 +62,8 @@ class LoadOptions:
         return build(self.checkpoint, device=device or self.device, dtype=DTYPES[self.dtype],
                      max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed,
                      quantize=self.quantize, kv_cache_tokens=self.kv_cache_tokens,
-                     kv_block_size=self.kv_block_size, compile=self.compile)
+                     kv_block_size=self.kv_block_size, compile=self.compile,
+                     packed_activations=self.packed_activations)
 
 
 def _comm_device(model_device: torch.device) -> torch.device:

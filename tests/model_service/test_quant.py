@@ -6,8 +6,8 @@ Tolerances, and why:
 - block parsing: exact (float32 ``(q - 8) * d + (m + 8 d)`` vs gguf-py's ``d * q + m``: 1 ulp at most);
 - a packed linear vs float32 on the same weights: the kernels take bfloat16 activations and bfloat16
   scales, so 2% of the largest output (bfloat16 has 8 significant bits: ~0.4% per rounding); with
-  float32 activations (split into two bfloat16 halves, scale rounding added back) 0.5%, the rounding
-  of the kernel's bfloat16 output;
+  exact float32 activations (``--packed-activations float32``: two bfloat16 halves, scale rounding
+  added back) 0.5%, the rounding of the kernel's bfloat16 output;
 - quantised vs float32 models (random weights): logits cosine >= 0.999 (int8) / 0.97 (int4: a 16-level grid per 32 random
   normal weights keeps ~98% cosine through two layers);
 - tp=2 vs tp=1 of the same quantised model: row-parallel layers sum bfloat16 partial products in
@@ -87,9 +87,15 @@ def test_int4_linear_equals_float32_linear_on_the_dequantised_weights():
     assert relative_error(reference, w) < 0.1  # and they are close to the original weights
     x = torch.randn(5, 128)
     assert relative_error(linear(x.bfloat16()), x @ reference.T) < 0.02  # one bfloat16 call
-    # float32 activations: two bfloat16 halves and the scales' rounding put back: near float32 itself.
-    assert relative_error(linear(x), x @ dequantize_int4(q, scale, zero).T) < 5e-3
+    # float32 activations, by default: rounded to bfloat16 for that same one call.
+    assert torch.equal(linear(x), linear(x.bfloat16()).float())
     assert linear(x).dtype == torch.float32 and linear(x[None]).shape == (1, 5, 96)
+    # exact (--packed-activations float32): two bfloat16 halves and the scales' rounding put back,
+    # near float32 itself (what is left is the kernel's bfloat16 output), and closer than one bfloat16 call.
+    exact = Int4Linear(q, scale, zero, device=CPU, exact=True)
+    want = x @ dequantize_int4(q, scale, zero).T
+    assert relative_error(exact(x), want) < 5e-3
+    assert relative_error(exact(x), want) < relative_error(linear(x), want)
 
 
 def test_int8_linear_equals_float32_linear_on_the_dequantised_weights():
@@ -120,9 +126,9 @@ def q4_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             gguf_type="Q4_1")
 
 
-def logits_of(path: Path, quantize: str | None) -> dict[str, torch.Tensor]:
+def logits_of(path: Path, quantize: str | None, **options: str) -> dict[str, torch.Tensor]:
     """A prompt's logits and a mixed decode + prompt batch, on whatever group this process is in."""
-    model = build(path, max_batch_size=3, max_seq_len=64, quantize=quantize).model
+    model = build(path, max_batch_size=3, max_seq_len=64, quantize=quantize, **options).model
     prompt = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(5))
     out = {"prompt": model(Batch(prompt, [0], [0], [11]), all_logits=True)}
     out["mixed"] = model(Batch(torch.cat([torch.tensor([3]), prompt[:6]]), [0, 2], [11, 0], [1, 6]), all_logits=True)
@@ -137,12 +143,25 @@ def test_gguf_q4_file_is_served_as_stored(q4_gguf):
     assert build(q4_gguf, max_batch_size=1, max_seq_len=16, quantize="none").info.quantization == "none"
 
 
-def test_native_q4_model_equals_the_float32_model_of_the_same_weights(q4_gguf):
+@pytest.mark.parametrize(("activations", "max_error"), [("bfloat16", 0.03), ("float32", 0.01)])
+def test_native_q4_model_equals_the_float32_model_of_the_same_weights(q4_gguf, activations, max_error):
     # quantize="none" dequantises the file to float32: the same weights, computed in float32.
-    native, dequantised = logits_of(q4_gguf, None), logits_of(q4_gguf, "none")
+    native = logits_of(q4_gguf, None, packed_activations=activations)
+    dequantised = logits_of(q4_gguf, "none")
     for key in native:
-        assert relative_error(native[key], dequantised[key]) < 0.03, key
+        assert relative_error(native[key], dequantised[key]) < max_error, key
         assert F.cosine_similarity(native[key], dequantised[key]).min() > 0.999, key
+    assert build(q4_gguf, max_batch_size=1, max_seq_len=16, packed_activations=activations
+                 ).info.packed_activations == activations
+
+
+def test_packed_activations_are_checked_and_reported(q4_gguf, tiny_checkpoints):
+    with pytest.raises(ValueError, match="unknown packed_activations 'int8'; use one of bfloat16, float32"):
+        build(q4_gguf, max_batch_size=1, max_seq_len=16, packed_activations="int8")
+    # Nothing packed: nothing to report; a bfloat16 model's kernels take bfloat16 whatever was asked.
+    assert build(tiny_checkpoints["hf"], max_batch_size=1, max_seq_len=16).info.packed_activations == ""
+    assert build(q4_gguf, max_batch_size=1, max_seq_len=16, dtype="bfloat16",
+                 packed_activations="float32").info.packed_activations == "bfloat16"
 
 
 @pytest.mark.parametrize(("mode", "min_cosine"), [("int8", 0.999), ("int4", 0.97)])

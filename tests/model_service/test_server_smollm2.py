@@ -45,6 +45,7 @@ def test_smollm2_answers_paris_alone_and_in_a_batch(hf_tokenizer):
             info = model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(model_pb2.GetModelInfoRequest())
     # `make run`'s default: the file's own Q4_1 blocks in int4 linears, its Q8_0 embedding in int8.
     assert "int4 (Q4_1 as stored) x210" in info.quantization and "embedding int8 (Q8_0 as stored)" in info.quantization
+    assert info.packed_activations == "bfloat16"  # --packed-activations' default
     assert hf_tokenizer.decode(tokens).startswith("The capital of France is Paris.")
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP_TOKEN  # <|im_end|>, not returned
     assert 2 not in tokens

@@ -74,7 +74,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "family", "vocab_size", "max_seq_len", "tensor_parallel_size", "dtype", "device", "max_batch_size", "max_queue", "stop_token_ids", "checkpoint_format", "parameter_count", "quantization", "compile", "max_new_tokens_limit", "capabilities", "kv_cache_tokens", "kv_block_size", "prefix_cache")
+    __slots__ = ("model_name", "family", "vocab_size", "max_seq_len", "tensor_parallel_size", "dtype", "device", "max_batch_size", "max_queue", "stop_token_ids", "checkpoint_format", "parameter_count", "quantization", "compile", "packed_activations", "max_new_tokens_limit", "capabilities", "kv_cache_tokens", "kv_block_size", "prefix_cache")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class GetModelInfoResponse(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     COMPILE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -108,9 +109,10 @@ class GetModelInfoResponse(_message.Message):
     parameter_count: int
     quantization: str
     compile: str
+    packed_activations: str
     max_new_tokens_limit: int
     capabilities: _common_pb2.GenerationCapabilities
     kv_cache_tokens: int
     kv_block_size: int
     prefix_cache: bool
-    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., checkpoint_format: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., compile: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., capabilities: _Optional[_Union[_common_pb2.GenerationCapabilities, _Mapping]] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., checkpoint_format: _Optional[str] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., compile: _Optional[str] = ..., packed_activations: _Optional[str] = ..., max_new_tokens_limit: _Optional[int] = ..., capabilities: _Optional[_Union[_common_pb2.GenerationCapabilities, _Mapping]] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...
