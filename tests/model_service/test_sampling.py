@@ -69,6 +69,25 @@ def test_draws_from_exactly_metas_nucleus(temperature, top_p, scale):
         assert len(expected) > NUCLEUS_PREFIX
 
 
+def test_each_row_widens_alone_and_keeps_metas_nucleus():
+    # A peaked row beside a flat one whose nucleus is wider than the first prefix: each row's kept
+    # tokens and weights are Meta's, and the same as when the row is sampled alone.
+    peaked, flat = random_logits(1, seed=3)[0] * 2, random_logits(1, seed=4)[0] / 10
+    batch = torch.stack([peaked, flat, peaked]) / 0.8
+    weights, ids = _filtered_probs(batch, torch.full((3, 1), VOCAB), torch.full((3, 1), 0.95))
+    for i, logits in enumerate([peaked, flat, peaked]):
+        kept = {int(t): float(w) for t, w in zip(ids[i], weights[i], strict=True) if w > 0}
+        total = sum(kept.values())
+        expected = meta_distribution(logits, 0.8, 0.95)
+        assert kept.keys() == expected.keys()
+        assert max(abs(kept[t] / total - expected[t]) for t in kept) < 1e-6
+        alone_w, alone_ids = _filtered_probs(batch[i:i + 1], torch.full((1, 1), VOCAB), torch.full((1, 1), 0.95))
+        n = alone_w.shape[1]
+        assert torch.equal(weights[i, :n], alone_w[0]) and torch.equal(ids[i, :n], alone_ids[0])
+        assert not weights[i, n:].any()
+    assert len(meta_distribution(flat, 0.8, 0.95)) > NUCLEUS_PREFIX > len(meta_distribution(peaked, 0.8, 0.95))
+
+
 def test_draw_frequencies_follow_the_distribution():
     logits = random_logits(1, seed=2) / 3
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=6)
