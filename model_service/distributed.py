@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -94,6 +95,44 @@ def _rank_main(rank: int, world_size: int, init_method: str, device: str, fn: Ca
         shutdown()
 
 
+def cpu_threads(requested: int = 0, world_size: int = 1) -> int:
+    """Intra-op threads for one rank: ``requested`` (``--threads``) split between ``world_size`` ranks,
+    or by default every core this process may use (its CPU affinity, capped by a cgroup CPU limit such
+    as a Kubernetes ``resources.limits.cpu``), split likewise; at least 1.
+
+    More threads than cores the process gets is the slow case to avoid: an OpenMP thread that loses
+    its core to another process stalls every parallel kernel until it runs again.
+    """
+    total = requested or available_cpus()
+    return max(1, total // world_size)
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its affinity mask, and no more than the cgroup v2 quota allows."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota = cgroup_quota(cgroup_cpu_max.read_text())
+    except OSError:  # no cgroup v2 file: no limit known
+        quota = None
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def cgroup_quota(cpu_max: str) -> int | None:
+    """Whole CPUs a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD": no limit) allows, rounded
+    down but at least 1; None without a limit or for text that is not that format."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return max(1, quota // period) if quota > 0 and period > 0 else None
+
+
 def launch(world_size: int, fn: Callable[..., Any], *args: Any, device: str = "cpu",
            timeout_s: float = 600.0) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` fresh rank processes; return their results in rank order.
@@ -106,7 +145,7 @@ def launch(world_size: int, fn: Callable[..., Any], *args: Any, device: str = "c
     init_method = f"tcp://127.0.0.1:{free_port()}"
     # Each rank gets an equal share of the host's cores instead of all of them (oversubscription
     # makes gloo ranks run several times slower).
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    threads = cpu_threads(0, world_size)
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:

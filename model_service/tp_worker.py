@@ -55,6 +55,7 @@ class LoadOptions:
     kv_block_size: int = 16
     compile: bool = False
     packed_activations: str = "bfloat16"
+    threads: int = 0  # --threads: intra-op CPU threads of all ranks together (0: the cores this process may use)
 
     def build(self, device: str | None = None) -> Any:
         from .build import build
@@ -125,23 +126,18 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watcher", daemon=True).start()
 
 
-def _threads_per_rank(world_size: int) -> int:
-    # Oversubscribed gloo ranks (each using every core) run several times slower.
-    return max(1, (os.cpu_count() or 1) // world_size)
-
-
 def worker_main(rank: int, world_size: int, init_method: str, options: LoadOptions) -> None:
     """A rank other than 0: load its shard, then run whatever forward rank 0 broadcasts, until STOP."""
     _die_with_parent()  # SIGTERM keeps its default action: it ends the process even inside a collective
     from llama_grpc_runtime.logs import configure_logging
 
-    from .distributed import init_distributed, rank_device, shutdown
+    from .distributed import cpu_threads, init_distributed, rank_device, shutdown
 
     configure_logging("model", options.log_level)
     structlog.contextvars.bind_contextvars(rank=rank)
     device = rank_device(rank, options.device)
     if torch.device(device).type == "cpu":
-        torch.set_num_threads(_threads_per_rank(world_size))
+        torch.set_num_threads(cpu_threads(options.threads, world_size))
     init_distributed(rank, world_size, init_method, device)
     loaded = options.build(device)
     model = loaded.model
@@ -177,7 +173,7 @@ class TensorParallelRunner:
 
     def start(self) -> Any:
         """Spawn ranks 1..N-1, join the group as rank 0, build this rank's shard; return it."""
-        from .distributed import free_port, init_distributed, rank_device
+        from .distributed import cpu_threads, free_port, init_distributed, rank_device
 
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
@@ -189,7 +185,7 @@ class TensorParallelRunner:
         threading.Thread(target=self._watch, name="rank-watcher", daemon=True).start()
         device = rank_device(0, self.options.device)
         if torch.device(device).type == "cpu":
-            torch.set_num_threads(_threads_per_rank(self.world_size))
+            torch.set_num_threads(cpu_threads(self.options.threads, self.world_size))
         init_distributed(0, self.world_size, init_method, device)
         loaded = self.options.build(device)
         self.model = loaded.model
