@@ -297,6 +297,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         check_n(request.n)
         generation = limit_new_tokens(request_from_proto(request, context.time_remaining()),
                                       self.config.max_new_tokens_limit, engine.max_seq_len)
+        if generation.constraint is not None and engine.grammars is not None and not engine.grammars.built:
+            # The first constrained request builds the grammar engine's vocabulary (~1 s), off the event loop.
+            await asyncio.to_thread(engine.grammars.build)
         if request.n <= 1:
             stream = engine.submit(generation)
             try:
@@ -353,6 +356,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     async def GetModelInfo(self, request: model_pb2.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> model_pb2.GetModelInfoResponse:
         engine, info = self._ready(), self.info
+        structured = engine.grammars is not None and engine.grammars.available
         return model_pb2.GetModelInfoResponse(
             model_name=info.name,
             family="llama",
@@ -373,12 +377,12 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             capabilities=common_pb2.GenerationCapabilities(
                 sampling_options=SAMPLING_OPTIONS,
                 stopping_options=STOPPING_OPTIONS,
-                constraint_kinds=CONSTRAINT_KINDS if engine.grammars is not None else (),
+                constraint_kinds=CONSTRAINT_KINDS if structured else (),
                 max_n=MAX_N,
                 max_top_logprobs=MAX_TOP_LOGPROBS,
                 max_logit_bias_entries=MAX_LOGIT_BIAS_ENTRIES,
                 max_logit_bias=MAX_LOGIT_BIAS,
-                grammar_engine=GRAMMAR_ENGINE if engine.grammars is not None else "",
+                grammar_engine=GRAMMAR_ENGINE if structured else "",
             ),
             kv_cache_tokens=engine.kv_cache_tokens,
             kv_block_size=engine.block_size,

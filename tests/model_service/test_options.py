@@ -267,6 +267,84 @@ def test_a_constrained_row_leaves_its_neighbours_alone(grammars):
     assert [got[0], got[2]] == alone
 
 
+def test_the_grammar_vocabulary_is_built_once_on_first_use_by_concurrent_callers():
+    """load_grammars does not load the tokenizer; the first constraint does, once, however many
+    threads ask at the same time; the masks are those of an engine built eagerly."""
+    import threading
+
+    from model_service.grammar import Grammars
+    from tokenizer_service.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    loads = []
+
+    def counted_load():
+        loads.append(threading.get_ident())
+        return tokenizer
+
+    lazy = Grammars(counted_load, tokenizer.vocab_size, tokenizer.stop_token_ids)
+    assert not lazy.built and loads == []
+    start = threading.Barrier(4)
+    grammars = []
+
+    def compile_one(i: int) -> None:
+        start.wait()
+        grammars.append(lazy.compile(Constraint("regex", f"[0-9]{{{i + 1}}}")))
+
+    threads = [threading.Thread(target=compile_one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1 and lazy.built and len(grammars) == 4
+    eager = Grammars(lambda: tokenizer, tokenizer.vocab_size, tokenizer.stop_token_ids)
+    eager.build()
+    grammar = lazy.compile(Constraint("regex", "[0-9]{2}"))
+    allowed = lazy.allowed([lazy.matcher(grammar)])
+    assert torch.equal(allowed, eager.allowed([eager.matcher(grammar)]))
+    digits = {tokenizer.encode(str(d))[0] for d in range(10)}  # the truth: single-digit tokens only
+    assert set(allowed[0].nonzero().flatten().tolist()) >= digits
+    assert not allowed[0, tokenizer.encode("a")[0]]
+
+
+def test_a_grammar_vocabulary_that_cannot_be_built_fails_constraints_not_the_service():
+    from llama_grpc_runtime.errors import FailedPrecondition
+    from model_service.grammar import Grammars
+
+    loads = []
+
+    def broken_load():
+        loads.append(1)
+        raise ValueError("unsupported tokenizer: sentencepiece")
+
+    lazy = Grammars(broken_load, 1000, [2])
+    assert lazy.available
+    for _ in range(2):
+        with pytest.raises(FailedPrecondition, match="sentencepiece"):
+            lazy.compile(Constraint("regex", "[0-9]+"))
+    assert loads == [1] and not lazy.available and not lazy.built
+
+
+def test_masks_do_not_import_torch_compile():
+    """llguidance.torch runs a torch.compile decorator at import (dynamo, inductor, triton: ~200 MB
+    resident); the service fills its masks without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from model_service.grammar import load_grammars\n"
+            "from model_service.options import Constraint\n"
+            "from tokenizer_service.loader import load_tokenizer\n"
+            "t = load_tokenizer(None)\n"
+            "g = load_grammars(None, t.vocab_size, t.stop_token_ids)\n"
+            "mask = g.allowed([g.matcher(g.compile(Constraint('regex', '[0-9]+')))])\n"
+            "assert mask.shape == (1, t.vocab_size) and 0 < int(mask.sum()) < t.vocab_size\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---- validation ----------------------------------------------------------------------------------
 
 

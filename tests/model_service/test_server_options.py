@@ -225,3 +225,30 @@ def test_cancelling_an_n_call_ends_every_completion(service, tokenizer):
         time.sleep(0.1)
     assert [e["finish_reason"] for e in finished] == ["cancelled"] * 4
     assert all(e["generated_tokens"] < 400 for e in finished)
+
+
+def test_the_grammar_engine_is_built_by_the_first_constrained_request(tokenizer):
+    """Its vocabulary (~60 MB) is not built at start, nor by plain requests or GetModelInfo (which still
+    advertises structured output); the first constrained request builds it, once (the service's own
+    log: one "grammar engine ready"), and its output follows the constraint."""
+    def built(proc) -> int:
+        return sum(event.get("event") == "grammar engine ready" for event in proc.log_events())
+
+    async def info(address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await model_pb2_grpc.ModelServiceStub(channel).GetModelInfo(model_pb2.GetModelInfoRequest())
+
+    with ServiceProcess("model_service", "--max-seq-len", "256", "--max-batch-size", "4",
+                        "--kv-cache-tokens", "1024") as proc:
+        proc.wait_healthy(timeout=300)
+        [plain] = generate(proc, req(chat(tokenizer, "Say hello."), max_new_tokens=4))
+        assert sum(len(r.token_ids) for r in plain) == 4
+        assert set(asyncio.run(info(proc.address)).capabilities.constraint_kinds) == set(
+            ["json_schema", "regex", "grammar", "choice"])
+        assert built(proc) == 0
+        digits = r"[0-9]{2,4}"
+        for question in ("How many legs does a spider have?", "In which year did the Berlin Wall fall?"):
+            [responses] = generate(proc, req(chat(tokenizer, question), constraint=common_pb2.Constraint(regex=digits)))
+            tokens, reason = by_index(responses)[0]
+            assert reason == common_pb2.FINISH_REASON_STOP_TOKEN and re.fullmatch(digits, tokenizer.decode(tokens))
+        assert built(proc) == 1
