@@ -174,6 +174,27 @@ def test_quantized_checkpoint_stays_close_to_float32(tiny_checkpoints, fmt, mode
         assert F.cosine_similarity(quantized[key], reference[key]).min() > min_cosine, key
 
 
+@pytest.mark.parametrize(("fmt", "quantize"), [("hf", "int4"), ("meta2", "int8"), ("gguf", "int4"), ("q4", None)])
+def test_quantising_a_slice_of_rows_at_a_time_gives_the_whole_tensors_result(tiny_checkpoints, q4_gguf,
+                                                                              monkeypatch, fmt, quantize):
+    """Loading quantises float weights a few rows at a time (less memory at the peak); the packed
+    buffers equal those of whole-tensor quantisation bit for bit (q/k rows of a Hugging Face
+    checkpoint are un-permuted per slice; a 2-file Meta checkpoint's slices cross its files)."""
+    import model_service.build as build_module
+
+    path = q4_gguf if fmt == "q4" else tiny_checkpoints[fmt]
+
+    def buffers(chunk_elements: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(build_module, "_QUANTIZE_CHUNK_ELEMENTS", chunk_elements)
+        model = build(path, max_batch_size=1, max_seq_len=16, quantize=quantize).model
+        return dict(model.named_parameters()) | {name: b for name, b in model.named_buffers() if ".cache." not in name}
+
+    sliced, whole = buffers(1), buffers(1 << 40)  # one head's rows per slice vs the whole tensor
+    assert sliced.keys() == whole.keys() and any("packed" in name or "int8" in name for name in whole)
+    for name, value in whole.items():
+        assert torch.equal(sliced[name], value), name
+
+
 def test_unknown_quantize_mode_is_refused(tiny_checkpoints):
     with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
         build(tiny_checkpoints["meta"], max_batch_size=1, max_seq_len=16, quantize="int3")
