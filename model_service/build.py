@@ -153,7 +153,7 @@ def _quantize_rows(reader: CheckpointReader, name: str, dim: int | None, start: 
     parts = []
     for first in range(start, end, step):
         parts.append(quantize(reader.read(name, 0, first, min(first + step, end))))
-        _malloc_trim()  # the slice's temporaries, before the next slice's land beside them
+        malloc_trim()  # the slice's temporaries, before the next slice's land beside them
     return tuple(torch.cat(pieces) for pieces in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
 
 
@@ -242,7 +242,7 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
                     setattr(model.get_submodule(parent) if parent else model, leaf, module)
                     labels.append(label)
             bar.update(1)
-            _malloc_trim()  # each tensor's temporaries: freed heap left in place would add up (~+300 MB peak)
+            malloc_trim()  # each tensor's temporaries: freed heap left in place would add up (~+300 MB peak)
     if any(label != "float" for label in labels):
         # Packed weights are copies: once the float ones (norms) are copies too, the file's mapping and
         # every page of it that was read go away (~the whole file for a GGUF).
@@ -361,7 +361,7 @@ def use_compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """Give freed heap back to the OS: glibc keeps freed pages (dequantised tensors, block copies)
     resident until trimmed. A no-op where the C library is not glibc."""
     try:
@@ -374,7 +374,7 @@ def _release_freed_memory() -> None:
     """The loader's temporaries, once the model is built: ~230 MB for SmolLM2 without the per-tensor
     trims of ``load_weights``."""
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
 
 
 CPU_CACHE_BUDGET_BYTES = 256 << 20  # several services share a CPU machine's memory
