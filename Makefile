@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging bench-memory clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -97,7 +97,7 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging
+bench: bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging bench-memory
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
@@ -112,6 +112,9 @@ bench-cache: install assets
 # Decode speed of the paged cache vs the slot cache it replaced (that model.py read from git history).
 bench-paging: install
 	$(PY) bench/paging_bench.py
+# The model service's resident memory (VmRSS / VmHWM) idle, after a request, after N streams; default and bench-peers flags.
+bench-memory: install assets
+	$(PY) bench/memory_bench.py
 bench-gateway: install assets
 	$(PY) bench/gateway_bench.py
 bench-abuse: install assets
