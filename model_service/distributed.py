@@ -96,15 +96,23 @@ def _rank_main(rank: int, world_size: int, init_method: str, device: str, fn: Ca
 
 
 def cpu_threads(requested: int = 0, world_size: int = 1) -> int:
-    """Intra-op threads for one rank: ``requested`` (``--threads``) split between ``world_size`` ranks,
-    or by default every core this process may use (its CPU affinity, capped by a cgroup CPU limit such
-    as a Kubernetes ``resources.limits.cpu``), split likewise; at least 1.
+    """Intra-op threads for one rank: ``requested`` (``--threads``) split between ``world_size`` ranks;
+    by default ``OMP_NUM_THREADS`` where it is set, else every core this process may use (its CPU
+    affinity, capped by a cgroup CPU limit such as a Kubernetes ``resources.limits.cpu``), split
+    likewise; at least 1.
 
     More threads than cores the process gets is the slow case to avoid: an OpenMP thread that loses
     its core to another process stalls every parallel kernel until it runs again.
     """
-    total = requested or available_cpus()
+    total = requested or _omp_num_threads() or available_cpus()
     return max(1, total // world_size)
+
+
+def _omp_num_threads() -> int:
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
+    except ValueError:
+        return 0
 
 
 def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

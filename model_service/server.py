@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the first time; cached under $LLAMA_GRPC_CACHE/inductor, so a restart takes seconds); "
                          "~8%% faster decode on CPU")
     parser.add_flag("--threads", type=int, default=0,
-                    help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: the cores "
+                    help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: OMP_NUM_THREADS if set, else the cores "
                          "this process may use: its CPU affinity, capped by a cgroup CPU limit). On a machine "
                          "whose cores other busy processes share, give it the cores it can count on: a kernel "
                          "thread that loses its core stalls every step (measured 60x slower decode)")

@@ -38,8 +38,14 @@ def test_available_cpus_is_the_affinity_capped_by_the_cgroup_limit(tmp_path: Pat
     assert available_cpus(tmp_path / "missing") == affinity
 
 
-def test_threads_are_split_between_ranks():
+def test_threads_are_split_between_ranks(monkeypatch):
     assert cpu_threads(6, 2) == 3 and cpu_threads(3, 2) == 1 and cpu_threads(1, 4) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(0, 1) == available_cpus()
+    # OMP_NUM_THREADS, the usual knob, is the default where it is set; --threads wins over it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu_threads(0, 1) == 5 and cpu_threads(0, 2) == 2 and cpu_threads(1, 1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
     assert cpu_threads(0, 1) == available_cpus()
 
 
