@@ -125,7 +125,7 @@ bench-grammar: install assets
 	$(PY) bench/grammar_bench.py
 # llama-grpc (in-process, model service, full stack) beside llama.cpp and HF transformers on the same
 # GGUF file: one table + bench/results/peers.json. The llama.cpp column needs `make peers` (~8 min once).
-# make bench-peers BENCH_PEERS_ARGS="--dtype bfloat16": the one-call bfloat16 path instead of float32's two.
+# make bench-peers BENCH_PEERS_ARGS="--packed-activations float32": the exact two-halves path; "--model-threads 1": one kernel thread.
 BENCH_PEERS_ARGS ?=
 bench-peers: install assets
 	$(PY) bench/peer_bench.py $(BENCH_PEERS_ARGS)

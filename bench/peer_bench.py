@@ -128,12 +128,14 @@ def hf(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
 
 # ---- llama-grpc in-process -----------------------------------------------------------------------
 
-def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str, compile: bool) -> dict:
+def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str, compile: bool,
+               packed_activations: str) -> dict:
     from model_service.build import build
     from model_service.model import Batch
 
     max_streams = max(STREAMS)
-    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype, compile=compile)
+    loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype, compile=compile,
+                   packed_activations=packed_activations)
     model = loaded.model
     row: dict = {"quantization": loaded.info.quantization}
 
@@ -321,8 +323,12 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="llama-grpc's activations: float32 (the service default: int4/int8 calls with two "
-                             "bfloat16 halves, closest to llama.cpp's tokens) or bfloat16 (one call, fastest)")
+                        help="llama-grpc's activations (the service default: float32)")
+    parser.add_argument("--packed-activations", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="what llama-grpc's int4/int8 kernels multiply (the service default: bfloat16, one call; "
+                             "float32: two bfloat16 halves and the scales' rounding, exact and slower)")
+    parser.add_argument("--model-threads", type=int, default=0,
+                        help="the model service's --threads (0: its default, the cores it may use)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="llama-grpc with --compile (the service default is --no-compile)")
@@ -341,7 +347,8 @@ def main() -> None:
     # Cache for every stream's chat prompt and tokens, and for the longest prompt (in blocks of 16).
     kv_tokens = -(-max(max(STREAMS) * (128 + ns.new_tokens), 2 * max_seq_len) // 16) * 16
     model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len), "--dtype", ns.dtype,
-                  "--kv-cache-tokens", str(kv_tokens), "--compile" if ns.compile else "--no-compile"]
+                  "--kv-cache-tokens", str(kv_tokens), "--compile" if ns.compile else "--no-compile",
+                  "--packed-activations", ns.packed_activations, "--threads", str(ns.model_threads)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     results: dict = {}
@@ -349,7 +356,7 @@ def main() -> None:
     ids = meta["ids"]
     print(f"  services done ({time.monotonic() - started:.0f} s): {meta['quantization']}", file=sys.stderr, flush=True)
     if "in_process" not in skip:
-        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype, ns.compile)
+        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype, ns.compile, ns.packed_activations)
         print(f"  in-process done ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if "llama_cpp" not in skip:
         results["llama_cpp"] = llama_cpp(checkpoint, ids, 2 * ns.new_tokens)
@@ -368,7 +375,8 @@ def main() -> None:
     item_bytes = 4 if ns.dtype == "float32" else 2
     cache_mb = meta["kv_cache_tokens"] * 2 * args.n_layers * args.kv_heads * args.head_dim * item_bytes / 2**20
     report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "compile": meta["compile"],
-              "dtype": ns.dtype, "streams": STREAMS,
+              "dtype": ns.dtype, "packed_activations": ns.packed_activations, "model_threads": ns.model_threads,
+              "streams": STREAMS,
               "new_tokens": ns.new_tokens, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "seconds": time.monotonic() - started, "kv_cache_mb": cache_mb, "results": results}
     Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
