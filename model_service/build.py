@@ -243,6 +243,7 @@ def load_weights(model: Transformer, reader: CheckpointReader, *, rank: int, tp:
                     labels.append(label)
             bar.update(1)
             malloc_trim()  # each tensor's temporaries: freed heap left in place would add up (~+300 MB peak)
+            reader.drop_pages()  # and the file's pages it read (a GGUF: ~the whole file by the end)
     if any(label != "float" for label in labels):
         # Packed weights are copies: once the float ones (norms) are copies too, the file's mapping and
         # every page of it that was read go away (~the whole file for a GGUF).
@@ -319,6 +320,10 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         model = Transformer(args)
     quantization = load_weights(model, reader, rank=rank, tp=tp, dtype=dtype, device=device, quantize=quantize,
                                 packed_activations=packed_activations)
+    source = {"name": reader.name, "format": reader.format, "path": reader.path,
+              "stop_token_ids": reader.stop_token_ids, "bos_token_id": reader.bos_token_id}
+    del reader  # unmaps the checkpoint (once no weight is a view of it) before fusing copies the packed weights
+    gc.collect()
     fuse_projections(model)
     model.eval()
     if kv_block_size < 1:
@@ -335,15 +340,13 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         compiled = model.compile()
 
     info = CheckpointInfo(
-        name=reader.name, format=reader.format, path=reader.path, stop_token_ids=reader.stop_token_ids,
-        bos_token_id=reader.bos_token_id, vocab_size=args.vocab_size, max_seq_len=serving_len,
+        **source, vocab_size=args.vocab_size, max_seq_len=serving_len,
         parameter_count=parameter_count(args), dtype=str(dtype).removeprefix("torch."), device=str(device),
         tp_size=tp, quantization=quantization, compile=compiled, kv_num_blocks=num_blocks,
         kv_block_size=kv_block_size,
         # A float32 model's choice; other dtypes reach the kernels as bfloat16 whatever was asked.
         packed_activations="" if quantization == "none" else
         "float32" if packed_activations == "float32" and dtype == torch.float32 else "bfloat16")
-    del reader  # unmaps the checkpoint: its pages no longer count as this process's memory
     _release_freed_memory()
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():
         print(f"loaded {info.name} ({info.parameter_count / 1e6:.0f}M parameters, {info.dtype}, tp={tp}) "

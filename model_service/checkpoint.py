@@ -8,6 +8,7 @@ shard, one tensor at a time: peak memory stays near one copy of the (local) weig
 from __future__ import annotations
 
 import json
+import mmap
 import pickle
 import re
 import warnings
@@ -96,6 +97,10 @@ class CheckpointReader:
     def read_blocks(self, name: str, dim: int | None, start: int, end: int) -> GGMLBlocks:
         """Rows or columns [start, end) as the file stores them (quantised blocks), without dequantising."""
         raise NotImplementedError(f"{self.format} checkpoints hold no quantised blocks")
+
+    def drop_pages(self) -> None:
+        """Let go of the pages of a memory-mapped file read so far (they stay in the page cache; a read
+        maps them again), so loading does not hold the whole file resident beside its copies."""
 
     def read_full(self, name: str) -> torch.Tensor:
         """The whole tensor, merged across shard files (for conversion, not for serving)."""
@@ -354,6 +359,11 @@ class GGUFReader(CheckpointReader):
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def drop_pages(self) -> None:
+        mapping = getattr(self.reader.data, "_mmap", None)  # np.memmap's mmap.mmap (read-only, shared)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def source_name(self, name: str) -> str:
         return self.tensors[name].name if name in self.tensors else name
