@@ -5,7 +5,9 @@
 One model, each option toggled in place, the variants interleaved in short blocks of decode steps
 (`--reps` alternations of `--steps` steps) so a shared machine's load hits them alike; medians and
 minima per variant. Variants: the Q/K/V and gate/up projections separate vs fused (what build() does),
-and the fused model eager vs ``--compile`` (its first compile is timed; later runs load inductor's cache).
+the fused model's packed kernels fed float32 activations exactly (``--packed-activations float32``: two
+bfloat16 halves and the scales' rounding) vs rounded to bfloat16 (the default), and the fused model eager
+vs ``--compile`` (its first compile is timed; later runs load inductor's cache).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model_service.build as build_module  # noqa: E402
 from model_service.model import Batch, Transformer, TransformerBlock  # noqa: E402
-from model_service.quant import fuse_linears  # noqa: E402
+from model_service.quant import _QuantLinear, fuse_linears  # noqa: E402
 
 
 def variants(model: Transformer) -> dict:
@@ -34,15 +36,21 @@ def variants(model: Transformer) -> dict:
     model.compile()
     compiled = (model._attention_input, model._attention_output)
 
-    def setting(fuse: bool, compile: bool):
+    packed = [m for m in model.modules() if isinstance(m, _QuantLinear)] + \
+        [m for pair in fused for m in pair if isinstance(m, _QuantLinear)]
+
+    def setting(fuse: bool, compile: bool, exact: bool = False):
         def apply() -> None:
             for layer, (wqkv, w13) in zip(model.layers, fused, strict=True):
                 layer.attention.wqkv = wqkv if fuse else None
                 layer.feed_forward.w13 = w13 if fuse else None
+            for module in packed:
+                module.exact = exact
             model._attention_input, model._attention_output = compiled if compile else eager
         return apply
 
-    out = {"separate": setting(False, False), "fused": setting(True, False), "fused + compile": setting(True, True)}
+    out = {"separate": setting(False, False), "fused, exact float32 activations": setting(True, False, True),
+           "fused": setting(True, False), "fused + compile": setting(True, True)}
     out["fused + compile"]()
     for n in (3, 1):  # compile both graphs (several tokens, one token) before timing anything
         model(Batch(torch.arange(n), [0], [0], [n]))
@@ -59,7 +67,9 @@ def main() -> None:
     ns = parser.parse_args()
     batches = [int(b) for b in ns.batches.split(",")]
     build_module.fuse_projections = lambda model: None  # keep the separate layers: the variants fuse them
-    model = build_module.build(None, max_batch_size=max(batches), max_seq_len=512, dtype=ns.dtype).model
+    # Built exact (the scales' rounding kept), so each variant can switch exactness in place.
+    model = build_module.build(None, max_batch_size=max(batches), max_seq_len=512, dtype=ns.dtype,
+                               packed_activations="float32").model
     settings = variants(model)
     times: dict[tuple[int, str], list[float]] = {}
     for batch in batches:
