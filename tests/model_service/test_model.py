@@ -10,7 +10,7 @@ import torch
 
 from model_service.args import ModelArgs
 from model_service.build import build
-from model_service.model import Batch, Transformer, precompute_rope
+from model_service.model import DECODE_GATHER_GROUP, Batch, Transformer, precompute_rope
 
 VOCAB = 512
 TOL = 1e-5
@@ -97,6 +97,29 @@ def test_scattered_and_shared_block_tables_equal_full_recompute(model):
         for i, seq in enumerate(seqs):
             assert (out[i] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}, sequence {i}"
         new = [tokens(1, 60 + 4 * step + i) for i in range(4)]
+
+
+def test_more_decode_sequences_than_a_gather_group_equal_full_recompute(model):
+    # Six decoding sequences (two gather groups: DECODE_GATHER_GROUP is 4) of different lengths, each in
+    # blocks in no order, the groups' tables of different widths.
+    assert DECODE_GATHER_GROUP < 6
+    free = torch.randperm(20, generator=torch.Generator().manual_seed(5)).tolist()
+    lengths = [30, 5, 17, 40, 12, 33]  # the longest sequences in the second group, the shortest in the first
+    seqs = [tokens(n, 70 + i) for i, n in enumerate(lengths)]
+    tables, used = [], 0
+    for n in lengths:
+        blocks = -(-(n + 3) // model.block_size)  # room for three more tokens
+        tables.append(free[used: used + blocks])
+        used += blocks
+    assert used <= 20
+    for seq, table in zip(seqs, tables, strict=True):
+        model(Batch(seq, [table], [0], [len(seq)]))
+    for step in range(3):
+        new = [tokens(1, 80 + 6 * step + i) for i in range(6)]
+        out = model(Batch(torch.cat(new), tables, [len(s) for s in seqs], [1] * 6))
+        seqs = [torch.cat([s, t]) for s, t in zip(seqs, new, strict=True)]
+        for i, seq in enumerate(seqs):
+            assert (out[i] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}, sequence {i}"
 
 
 def test_stale_cache_contents_of_a_reused_slot_are_not_attended(model):
