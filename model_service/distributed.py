@@ -108,6 +108,12 @@ def cpu_threads(requested: int = 0, world_size: int = 1) -> int:
     return max(1, total // world_size)
 
 
+def use_cpu_threads(device: str | torch.device, requested: int = 0, world_size: int = 1) -> None:
+    """Give this process's CPU kernels ``cpu_threads(requested, world_size)`` threads (nothing on a GPU)."""
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(cpu_threads(requested, world_size))
+
+
 def _omp_num_threads() -> int:
     try:
         return max(0, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))

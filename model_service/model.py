@@ -204,8 +204,9 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
             width = max(len(table) for table in decode_tables)
             # Short tables are padded with block 0: its positions lie past the sequence's end, masked.
             plan.decode_blocks = tensor([table + [0] * (width - len(table)) for table in decode_tables])
-        if isinstance(plan.decode_blocks, torch.Tensor):
-            plan.gather_blocks = max(plan.gather_blocks, plan.decode_blocks.numel())
+        if isinstance(plan.decode_blocks, torch.Tensor):  # [n_blocks], or by sequence DECODE_GATHER_GROUP at a time
+            group = plan.decode_blocks if plan.decode_blocks.dim() == 1 else plan.decode_blocks[:DECODE_GATHER_GROUP]
+            plan.gather_blocks = max(plan.gather_blocks, group.numel())
         keys = torch.arange(plan.decode_len, device=device)
         plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
     return plan
@@ -309,14 +310,14 @@ class Attention(nn.Module):
         step = DECODE_GATHER_GROUP if by_sequence else n_decode  # else one sequence: its view or its blocks
         groups = []
         for first in range(0, n_decode, step):
-            blocks = plan.decode_blocks[first: first + step] if by_sequence else plan.decode_blocks
+            group = slice(first, first + step)
+            blocks = plan.decode_blocks[group] if by_sequence else plan.decode_blocks
             keys, values = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
-            n = q[first: first + step].shape[0]
+            n = min(step, n_decode - first)
             keys = keys.view(n, -1, *kv_shape)[:, : plan.decode_len]  # [n, decode_len, kv_heads, head_dim]
             values = values.view(n, -1, *kv_shape)[:, : plan.decode_len]
-            groups.append(F.scaled_dot_product_attention(q[first: first + step], keys.transpose(1, 2),
-                                                         values.transpose(1, 2),
-                                                         attn_mask=plan.decode_mask[first: first + step]))
+            groups.append(F.scaled_dot_product_attention(q[group], keys.transpose(1, 2), values.transpose(1, 2),
+                                                         attn_mask=plan.decode_mask[group]))
         attn = groups[0] if len(groups) == 1 else torch.cat(groups)
         return attn.reshape(n_decode, self.n_local_heads, self.head_dim)
 
@@ -418,9 +419,8 @@ class Transformer(nn.Module):
 
     def _gather_workspace(self, n_blocks: int) -> torch.Tensor:
         """A flat buffer with room for ``n_blocks`` gathered blocks of keys and as many of values (one
-        layer's worth: each gather of a step reuses it in turn). Kept between steps and grown, never
-        shrunk: at most the running batch's padded context for one layer, 1 / n_layers of what a slot
-        cache for that batch would hold."""
+        gather's worth: each gather of a step reuses it in turn). Kept between steps and grown, never
+        shrunk: at most DECODE_GATHER_GROUP sequences' padded context for one layer, or one prompt's."""
         cache = self.layers[0].attention.cache
         need = 2 * n_blocks * math.prod(cache.k.shape[1:])
         if self._workspace is None or self._workspace.numel() < need:

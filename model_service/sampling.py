@@ -155,35 +155,35 @@ def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> (weights [w], ids [w])
     pending = list(range(m))
     while pending:
-        for width in sorted(set(widths[i] for i in pending)):  # usually one width, sometimes two
-            rows = [i for i in pending if widths[i] == width]
-            index = torch.tensor(rows, device=probs.device)
-            sub = probs[index]
-            if width < vocab:
-                probs_sort, probs_idx = torch.topk(sub, width, dim=-1)  # sorted, most likely first
+        width = min(widths[i] for i in pending)  # the rows at the narrowest prefix still needed, together
+        rows = [i for i in pending if widths[i] == width]
+        index = torch.tensor(rows, device=probs.device)
+        sub = probs[index]
+        if width < vocab:
+            probs_sort, probs_idx = torch.topk(sub, width, dim=-1)  # sorted, most likely first
+        else:
+            probs_sort, probs_idx = torch.sort(sub, dim=-1, descending=True)
+        ranks = torch.arange(width, device=probs.device)[None, :]
+        row_top_k = top_k[index]
+        probs_sort = probs_sort.masked_fill(ranks >= row_top_k, 0.0)
+        cumulative = torch.cumsum(probs_sort, dim=-1)
+        # Meta's mask is ``cumsum - p > top_p`` on probabilities summing to 1; after top-k they sum
+        # to the kept mass instead (Hugging Face renormalises there), so scale the threshold.
+        mass = torch.where(row_top_k < vocab, cumulative[:, -1:], 1.0)
+        dropped = cumulative - probs_sort > top_p[index] * mass
+        if min_p is not None:
+            dropped |= probs_sort < min_p[index] * probs_sort[:, :1]
+        # The prefix is enough when its last column is dropped (so is every later one, the mask
+        # being monotone), or top-k already cut everything after it, or it is the whole vocabulary.
+        enough = (dropped[:, -1] | (row_top_k[:, 0] <= width) | (width == vocab)).tolist()
+        weights = probs_sort.masked_fill(dropped, 0.0)
+        if len(rows) == m and all(enough):  # the usual case: one prefix holds every row
+            return weights, probs_idx
+        for j, i in enumerate(rows):
+            if enough[j]:
+                done[i] = (weights[j], probs_idx[j])
             else:
-                probs_sort, probs_idx = torch.sort(sub, dim=-1, descending=True)
-            ranks = torch.arange(width, device=probs.device)[None, :]
-            row_top_k = top_k[index]
-            probs_sort = probs_sort.masked_fill(ranks >= row_top_k, 0.0)
-            cumulative = torch.cumsum(probs_sort, dim=-1)
-            # Meta's mask is ``cumsum - p > top_p`` on probabilities summing to 1; after top-k they sum
-            # to the kept mass instead (Hugging Face renormalises there), so scale the threshold.
-            mass = torch.where(row_top_k < vocab, cumulative[:, -1:], 1.0)
-            dropped = cumulative - probs_sort > top_p[index] * mass
-            if min_p is not None:
-                dropped |= probs_sort < min_p[index] * probs_sort[:, :1]
-            # The prefix is enough when its last column is dropped (so is every later one, the mask
-            # being monotone), or top-k already cut everything after it, or it is the whole vocabulary.
-            enough = (dropped[:, -1] | (row_top_k[:, 0] <= width)).tolist()
-            weights = probs_sort.masked_fill(dropped, 0.0)
-            if len(rows) == m and (all(enough) or width == vocab):  # the usual case: one prefix holds every row
-                return weights, probs_idx
-            for j, i in enumerate(rows):
-                if enough[j] or width == vocab:
-                    done[i] = (weights[j], probs_idx[j])
-                else:
-                    widths[i] = min(vocab, width * 4)
+                widths[i] = min(vocab, width * 4)
         pending = [i for i in pending if i not in done]
     width = max(w.shape[0] for w, _ in done.values())
     weights = probs.new_zeros(m, width)

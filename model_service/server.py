@@ -30,7 +30,7 @@ from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
 from .build import DTYPES, malloc_trim
-from .distributed import cpu_threads
+from .distributed import use_cpu_threads
 from .engine import (
     Engine,
     FinishReason,
@@ -129,8 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the first time; cached under $LLAMA_GRPC_CACHE/inductor, so a restart takes seconds); "
                          "~8%% faster decode on CPU")
     parser.add_flag("--threads", type=int, default=0,
-                    help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: OMP_NUM_THREADS if set, else the cores "
-                         "this process may use: its CPU affinity, capped by a cgroup CPU limit). On a machine "
+                    help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: "
+                         "OMP_NUM_THREADS if set, else the cores this process may use: its CPU affinity, capped "
+                         "by a cgroup CPU limit). On a machine "
                          "whose cores other busy processes share, give it the cores it can count on: a kernel "
                          "thread that loses its core stalls every step (measured 60x slower decode)")
     parser.add_flag("--packed-activations", default="bfloat16", choices=list(PACKED_ACTIVATIONS),
@@ -172,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_step_failures < 1:
         parser.error("--max-step-failures must be >= 1")
     if args.threads < 0:
-        parser.error("--threads must be >= 0 (0: the cores this process may use)")
+        parser.error("--threads must be >= 0 (0: OMP_NUM_THREADS, else the cores this process may use)")
     return args
 
 
@@ -436,8 +437,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             self.runner = TensorParallelRunner(config.tp, options, on_rank_death=self.fatal)
             loaded = self.runner.start()
         else:
-            if torch.device(config.device).type == "cpu":
-                torch.set_num_threads(cpu_threads(config.threads))
+            use_cpu_threads(config.device, config.threads)
             loaded = options.build()
             self.runner = LocalRunner(loaded.model, loaded.info.device)
         info = self.info = loaded.info

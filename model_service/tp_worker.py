@@ -131,13 +131,12 @@ def worker_main(rank: int, world_size: int, init_method: str, options: LoadOptio
     _die_with_parent()  # SIGTERM keeps its default action: it ends the process even inside a collective
     from llama_grpc_runtime.logs import configure_logging
 
-    from .distributed import cpu_threads, init_distributed, rank_device, shutdown
+    from .distributed import init_distributed, rank_device, shutdown, use_cpu_threads
 
     configure_logging("model", options.log_level)
     structlog.contextvars.bind_contextvars(rank=rank)
     device = rank_device(rank, options.device)
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(cpu_threads(options.threads, world_size))
+    use_cpu_threads(device, options.threads, world_size)
     init_distributed(rank, world_size, init_method, device)
     loaded = options.build(device)
     model = loaded.model
@@ -173,7 +172,7 @@ class TensorParallelRunner:
 
     def start(self) -> Any:
         """Spawn ranks 1..N-1, join the group as rank 0, build this rank's shard; return it."""
-        from .distributed import cpu_threads, free_port, init_distributed, rank_device
+        from .distributed import free_port, init_distributed, rank_device, use_cpu_threads
 
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
@@ -184,8 +183,7 @@ class TensorParallelRunner:
             self.processes.append(process)
         threading.Thread(target=self._watch, name="rank-watcher", daemon=True).start()
         device = rank_device(0, self.options.device)
-        if torch.device(device).type == "cpu":
-            torch.set_num_threads(cpu_threads(self.options.threads, self.world_size))
+        use_cpu_threads(device, self.options.threads, self.world_size)
         init_distributed(0, self.world_size, init_method, device)
         loaded = self.options.build(device)
         self.model = loaded.model
