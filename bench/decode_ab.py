@@ -7,7 +7,7 @@ One model, each option toggled in place, the variants interleaved in short block
 minima per variant. Variants: the Q/K/V and gate/up projections separate vs fused (what build() does),
 the fused model's packed kernels fed float32 activations exactly (``--packed-activations float32``: two
 bfloat16 halves and the scales' rounding) vs rounded to bfloat16 (the default), and the fused model eager
-vs ``--compile`` (its first compile is timed; later runs load inductor's cache).
+vs ``--compile``, every layer one graph (its first compile is timed; later runs load inductor's cache).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import model_service.build as build_module  # noqa: E402
-from model_service.model import Batch, Transformer, TransformerBlock  # noqa: E402
+from model_service.model import Batch, Transformer  # noqa: E402
 from model_service.quant import _QuantLinear, fuse_linears  # noqa: E402
 
 
@@ -31,10 +31,9 @@ def variants(model: Transformer) -> dict:
     """name -> a function that puts the model in that variant."""
     fused = [(fuse_linears([layer.attention.wq, layer.attention.wk, layer.attention.wv]),
               fuse_linears([layer.feed_forward.w1, layer.feed_forward.w3])) for layer in model.layers]
-    eager = (TransformerBlock.attention_input, TransformerBlock.attention_output)
     started = time.perf_counter()
     model.compile()
-    compiled = (model._attention_input, model._attention_output)
+    compiled = model._compiled_layers
 
     packed = [m for m in model.modules() if isinstance(m, _QuantLinear)] + \
         [m for pair in fused for m in pair if isinstance(m, _QuantLinear)]
@@ -46,7 +45,7 @@ def variants(model: Transformer) -> dict:
                 layer.feed_forward.w13 = w13 if fuse else None
             for module in packed:
                 module.exact = exact
-            model._attention_input, model._attention_output = compiled if compile else eager
+            model._compiled_layers = compiled if compile else None
         return apply
 
     out = {"separate": setting(False, False), "fused, exact float32 activations": setting(True, False, True),

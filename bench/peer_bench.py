@@ -330,8 +330,8 @@ def main() -> None:
     parser.add_argument("--model-threads", type=int, default=0,
                         help="the model service's --threads (0: its default, the cores it may use)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="llama-grpc with --compile (the service default is --no-compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="llama-grpc with --compile / --no-compile (default: the service's default, on for CPU)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "peers.json"))
     ns = parser.parse_args()
     STREAMS[:] = [int(s) for s in ns.streams.split(",")]
@@ -347,8 +347,14 @@ def main() -> None:
     # Cache for every stream's chat prompt and tokens, and for the longest prompt (in blocks of 16).
     kv_tokens = -(-max(max(STREAMS) * (128 + ns.new_tokens), 2 * max_seq_len) // 16) * 16
     model_args = ["--max-batch-size", str(max(STREAMS)), "--max-seq-len", str(max_seq_len), "--dtype", ns.dtype,
-                  "--kv-cache-tokens", str(kv_tokens), "--compile" if ns.compile else "--no-compile",
+                  "--kv-cache-tokens", str(kv_tokens),
                   "--packed-activations", ns.packed_activations, "--threads", str(ns.model_threads)]
+    if ns.compile is not None:
+        model_args.append("--compile" if ns.compile else "--no-compile")
+    else:  # in-process as the service: compiled where the service would compile
+        from model_service.server import parse_args
+
+        ns.compile = parse_args([]).compile
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     results: dict = {}

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -291,8 +292,8 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
 
     ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary. ``quantize``: "none",
     "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
-    quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers' dense
-    parts run ``torch.compile``'d (compiled on the first forward; the compiled code is cached on disk,
+    quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers run as one
+    ``torch.compile``'d graph (``Transformer.compile``; compiled on the first forward of each kind, cached on disk,
     see ``use_compile_cache``, so a restart does not compile again). ``packed_activations``: what the
     packed kernels of a float32 model multiply (``quant.PACKED_ACTIVATIONS``).
     """
@@ -354,13 +355,32 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     return LoadedModel(model, args, info)
 
 
-def use_compile_cache() -> Path:
+def compile_blocker(device: str, tp: int) -> str | None:
+    """Why ``--compile`` cannot run with these settings, or None when it can."""
+    if tp > 1:
+        return "tensor parallelism's collectives run eager (use --tp 1)"
+    compiler = os.environ.get("CXX") or "g++"  # what inductor builds its CPU kernels with
+    if device == "cpu" and not shutil.which(compiler):
+        return f"inductor builds CPU kernels with a C++ compiler and {compiler!r} is not on PATH"
+    return None
+
+
+def use_compile_cache() -> Path | None:
     """Inductor's caches (compiled graphs, kernels) in the user's cache directory rather than /tmp, so a
-    restart (or a reboot) loads the compiled decode step instead of compiling it again; an explicit
-    ``TORCHINDUCTOR_CACHE_DIR`` wins."""
+    restart (or a reboot) loads the compiled step instead of compiling it again; an explicit
+    ``TORCHINDUCTOR_CACHE_DIR`` wins, and a read-only cache directory (a baked image) leaves inductor's
+    own default. Returns the directory in use (None: inductor's default)."""
     from llama_grpc_runtime.assets import cache_dir
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        wanted = cache_dir() / "inductor"
+        try:
+            wanted.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        if not os.access(wanted, os.W_OK):
+            return None
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(wanted)
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
 from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -23,6 +24,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from model_service.args import ModelArgs
+from model_service.quant import FusedLinear
 
 
 def _no_init(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +136,7 @@ class _Plan:
     decode_rows: torch.Tensor | None  # [n_decode] token indices
     decode_blocks: torch.Tensor | slice | None  # [n_decode, n_blocks] tables, or a slice: one sequence, consecutive
     decode_len: int  # longest cache prefix among them
-    decode_mask: torch.Tensor | None  # [n_decode, 1, 1, decode_len] bool, True = may attend
+    decode_mask: torch.Tensor | None  # [n_decode, 1, 1, decode_len] bool, True = may attend (None: one sequence)
     # Where gathered blocks go (keys, then values): a flat buffer that every gather of the step reuses
     # in turn, at least ``2 * gather_blocks`` blocks long (None: the step gathers nothing).
     workspace: torch.Tensor | None
@@ -207,8 +209,9 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
         if isinstance(plan.decode_blocks, torch.Tensor):  # [n_blocks], or by sequence DECODE_GATHER_GROUP at a time
             group = plan.decode_blocks if plan.decode_blocks.dim() == 1 else plan.decode_blocks[:DECODE_GATHER_GROUP]
             plan.gather_blocks = max(plan.gather_blocks, group.numel())
-        keys = torch.arange(plan.decode_len, device=device)
-        plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
+        if len(decode_pos) > 1:  # one sequence attends to all decode_len keys: no mask
+            keys = torch.arange(plan.decode_len, device=device)
+            plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
     return plan
 
 
@@ -237,13 +240,86 @@ def _read_blocks(cache_k: torch.Tensor, cache_v: torch.Tensor, blocks: torch.Ten
     return keys, values
 
 
+def write_cache(xk: torch.Tensor, xv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                rows: torch.Tensor) -> None:
+    """Store a step's new keys and values (``xk``, ``xv``: [n_tokens, kv_heads, head_dim]) at their
+    ``rows`` of one layer's cache (``cache_k``, ``cache_v``: [num_blocks, block_size, kv_heads, head_dim])."""
+    cache_k.view(-1, *xk.shape[1:]).index_copy_(0, rows, xk)
+    cache_v.view(-1, *xv.shape[1:]).index_copy_(0, rows, xv)
+
+
+def attend(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """One layer's attention in a step, its new keys and values already in the cache: every sequence's
+    queries (``xq``: [n_tokens, heads, head_dim]) over its blocks as ``plan`` lays them out
+    -> [n_tokens, heads * head_dim]."""
+    n_tokens, heads, head_dim = xq.shape
+    kv_heads = cache_k.shape[2]
+
+    if plan.decode_only:  # every token decodes: attention's output is the whole result, no scatter
+        return _attend_decode(xq, cache_k, cache_v, plan).view(n_tokens, -1)
+    out = torch.empty_like(xq)  # [n_tokens, heads, head_dim]
+    if plan.decode_rows is not None:
+        out[plan.decode_rows] = _attend_decode(xq[plan.decode_rows], cache_k, cache_v, plan)
+    for first, length, blocks, end, mask in plan.chunks:
+        chunk_k, chunk_v = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
+        chunk_k = chunk_k.view(1, -1, kv_heads, head_dim)[:, :end]  # [1, end, kv_heads, head_dim]
+        chunk_v = chunk_v.view(1, -1, kv_heads, head_dim)[:, :end]
+        keys = repeat_kv(chunk_k, heads // kv_heads).transpose(1, 2)  # [1, heads, end, head_dim]
+        values = repeat_kv(chunk_v, heads // kv_heads).transpose(1, 2)
+        q = xq[first: first + length].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        out[first: first + length] = attn[0].transpose(0, 1)
+    return out.view(n_tokens, -1)
+
+
+def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    # xq: [n_decode, heads, head_dim], one token per sequence -> [n_decode, heads, head_dim]
+    n_decode, heads, head_dim = xq.shape
+    kv_heads = cache_k.shape[2]
+    # GQA without repeat_kv's copy: the query heads that share a KV head become that head's "query
+    # positions", so each cached K/V is read once (decode is memory-bound).
+    q = xq.reshape(n_decode, kv_heads, heads // kv_heads, head_dim)
+    # Gathered blocks are attended DECODE_GATHER_GROUP sequences at a time, so what one gather writes
+    # is still in the CPU's cache when SDPA reads it (a view for one sequence in consecutive blocks).
+    by_sequence = isinstance(plan.decode_blocks, torch.Tensor) and plan.decode_blocks.dim() == 2
+    step = DECODE_GATHER_GROUP if by_sequence else n_decode  # else one sequence: its view or its blocks
+    groups = []
+    for first in range(0, n_decode, step):
+        group = slice(first, first + step)
+        blocks = plan.decode_blocks[group] if by_sequence else plan.decode_blocks
+        keys, values = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
+        n = min(step, n_decode - first)
+        keys = keys.view(n, -1, kv_heads, head_dim)[:, : plan.decode_len]  # [n, decode_len, kv_heads, head_dim]
+        values = values.view(n, -1, kv_heads, head_dim)[:, : plan.decode_len]
+        groups.append(F.scaled_dot_product_attention(q[group], keys.transpose(1, 2), values.transpose(1, 2),
+                                                     attn_mask=None if plan.decode_mask is None else plan.decode_mask[group]))
+    attn = groups[0] if len(groups) == 1 else torch.cat(groups)
+    return attn.reshape(n_decode, heads, head_dim)
+
+
+# The plan of the forward pass running on each thread, for the attention op below (a compiled graph's
+# arguments are tensors; the plan's layout of blocks, masks and chunks stays out of it).
+_STEP = threading.local()
+
+
+@torch.library.custom_op("llama_grpc::paged_attention", mutates_args=())
+def paged_attention(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    """``attend`` with the plan of this thread's running forward: what a compiled step calls (opaque to
+    the compiler, so every step's batch layout goes through one graph)."""
+    return attend(xq, cache_k, cache_v, _STEP.plan)
+
+
+@paged_attention.register_fake
+def _(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    return xq.new_empty(xq.shape[0], xq.shape[1] * xq.shape[2])
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         world_size = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // world_size
         self.n_local_kv_heads = args.kv_heads // world_size
-        self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.head_dim
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False,
                                        init_method=_no_init)
@@ -274,52 +350,8 @@ class Attention(nn.Module):
     def attend(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Write the new keys/values to the cache and attend over it: [n_tokens, heads * head_dim]."""
         assert self.cache is not None, "call setup_caches() before forward()"
-        n_tokens = xq.shape[0]
-        cache_k, cache_v = self.cache.k, self.cache.v  # [num_blocks, block_size, n_local_kv_heads, head_dim]
-        kv_shape = (-1, self.n_local_kv_heads, self.head_dim)
-        cache_k.view(kv_shape)[plan.cache_rows] = xk
-        cache_v.view(kv_shape)[plan.cache_rows] = xv
-
-        if plan.decode_only:  # every token decodes: attention's output is the whole result, no scatter
-            return self._attend_decode(xq, cache_k, cache_v, plan).view(n_tokens, -1)
-        out = torch.empty_like(xq)  # [n_tokens, n_local_heads, head_dim]
-        if plan.decode_rows is not None:
-            out[plan.decode_rows] = self._attend_decode(xq[plan.decode_rows], cache_k, cache_v, plan)
-        for first, length, blocks, end, mask in plan.chunks:
-            chunk_k, chunk_v = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
-            chunk_k = chunk_k.view(1, -1, *kv_shape[1:])[:, :end]  # [1, end, kv_heads, head_dim]
-            chunk_v = chunk_v.view(1, -1, *kv_shape[1:])[:, :end]
-            keys = repeat_kv(chunk_k, self.n_rep).transpose(1, 2)  # [1, heads, end, head_dim]
-            values = repeat_kv(chunk_v, self.n_rep).transpose(1, 2)
-            q = xq[first: first + length].transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
-            out[first: first + length] = attn[0].transpose(0, 1)
-        return out.view(n_tokens, -1)
-
-    def _attend_decode(self, xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                       plan: _Plan) -> torch.Tensor:
-        # xq: [n_decode, heads, head_dim], one token per sequence -> [n_decode, heads, head_dim]
-        n_decode = xq.shape[0]
-        kv_shape = (self.n_local_kv_heads, self.head_dim)
-        # GQA without repeat_kv's copy: the n_rep query heads that share a KV head become that
-        # head's "query positions", so each cached K/V is read once (decode is memory-bound).
-        q = xq.reshape(n_decode, self.n_local_kv_heads, self.n_rep, self.head_dim)
-        # Gathered blocks are attended DECODE_GATHER_GROUP sequences at a time, so what one gather writes
-        # is still in the CPU's cache when SDPA reads it (a view for one sequence in consecutive blocks).
-        by_sequence = isinstance(plan.decode_blocks, torch.Tensor) and plan.decode_blocks.dim() == 2
-        step = DECODE_GATHER_GROUP if by_sequence else n_decode  # else one sequence: its view or its blocks
-        groups = []
-        for first in range(0, n_decode, step):
-            group = slice(first, first + step)
-            blocks = plan.decode_blocks[group] if by_sequence else plan.decode_blocks
-            keys, values = _read_blocks(cache_k, cache_v, blocks, plan.workspace)
-            n = min(step, n_decode - first)
-            keys = keys.view(n, -1, *kv_shape)[:, : plan.decode_len]  # [n, decode_len, kv_heads, head_dim]
-            values = values.view(n, -1, *kv_shape)[:, : plan.decode_len]
-            groups.append(F.scaled_dot_product_attention(q[group], keys.transpose(1, 2), values.transpose(1, 2),
-                                                         attn_mask=plan.decode_mask[group]))
-        attn = groups[0] if len(groups) == 1 else torch.cat(groups)
-        return attn.reshape(n_decode, self.n_local_heads, self.head_dim)
+        write_cache(xk, xv, self.cache.k, self.cache.v, plan.cache_rows)
+        return attend(xq, self.cache.k, self.cache.v, plan)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
         return self.wo(self.attend(*self.project(x, rope), plan))
@@ -350,8 +382,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    # The block in three parts: the dense ones (no cache, no plan: the same shapes for every layer) are
-    # what ``Transformer.compile`` compiles, once for all layers; attention over the cache stays eager.
+    # The block in three parts: the dense ones around attention over the cache (``Transformer._layers``).
     def attention_input(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.attention.project(self.attention_norm(x), rope)
 
@@ -383,8 +414,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope", None, persistent=False)
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
-        self._attention_input = TransformerBlock.attention_input
-        self._attention_output = TransformerBlock.attention_output
+        self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
+        self._compiled_kinds: set[bool] = set()  # the graphs compiled so far: one token (True), several
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -406,16 +437,60 @@ class Transformer(nn.Module):
             attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
         self._workspace = None
+        self._compiled_kinds.clear()  # new buffers: the next step of each kind checks every guard again
 
     def compile(self) -> str:
-        """``torch.compile`` the dense parts of a layer (norms, projections, RoPE, residuals, MLP) between
-        the cache reads and writes, which stay eager. One graph serves all layers (parameters are graph
-        inputs) and the token count is dynamic, so a step of any batch reuses it: two graphs per part in
-        all (one token, and any other count). Returns what runs compiled (``GetModelInfo.compile``)."""
-        self._attention_input = torch.compile(TransformerBlock.attention_input, dynamic=True)
-        self._attention_output = torch.compile(TransformerBlock.attention_output, dynamic=True)
-        self.compiled = "layers (norms, projections, RoPE, MLP; attention eager), dynamic token count"
+        """``torch.compile`` the whole stack of layers as one graph: norms, projections, RoPE, residuals
+        and MLPs fused and run from generated code, the packed matmuls as they are, and attention over
+        the paged cache as one opaque op (``paged_attention``) reading the step's plan. The token count
+        is dynamic, so one graph serves every step of two or more tokens (prompt chunks, batched decode,
+        mixed) and one the single-token decode step. Returns what runs compiled (``GetModelInfo.compile``).
+
+        Why the whole stack: a step's ~80 small eager operations a layer cost more than its matmuls at
+        batch 1 (SmolLM2, 2 CPU threads: 8.2 -> 5.6 ms a token); compiling each layer's parts apart
+        saved only 3-4%, the compiled calls' own overhead eating the fusion's gain."""
+        if fs_init.get_model_parallel_world_size() > 1:
+            raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
+        # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
+        # cannot trace (mark_dirty): the same weights as F.linear.
+        for layer in self.layers:
+            for module in (layer.attention, layer.feed_forward):
+                for name, child in module.named_children():
+                    if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
+                        setattr(module, name, FusedLinear(child.weight))
+        self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True)
+        self.compiled = "all layers as one graph (attention over the paged cache an opaque op), dynamic token count"
         return self.compiled
+
+    def _layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
+        """Every layer of a step, attention through the op (the plan set by ``forward``): what compiles."""
+        for layer in self.layers:
+            xq, xk, xv = layer.attention_input(h, rope)
+            cache = layer.attention.cache
+            write_cache(xk, xv, cache.k, cache.v, cache_rows)
+            h = layer.attention_output(h, paged_attention(xq, cache.k, cache.v))
+        return h
+
+    def _run_compiled(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """The compiled layers on ``h``. The first step of each kind (one token; several, marked dynamic)
+        compiles its graph with every guard checked; later steps check only the guards that tell the
+        two graphs apart (``skip_guard_eval_unsafe``): the full check of ~400 parameters and buffers
+        took ~0.8 ms a step, 10% of a SmolLM2 token. Safe because nothing a guard watches (modules,
+        dtypes, devices, the cache's shape) changes after start-up; ``setup_caches`` starts afresh."""
+        one_token = h.shape[0] == 1
+        _STEP.plan = plan
+        try:
+            if one_token in self._compiled_kinds:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled_layers(h, rope, plan.cache_rows)
+            if not one_token:  # one graph for every count of two or more tokens
+                for x in (h, rope, plan.cache_rows):
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
+            out = self._compiled_layers(h, rope, plan.cache_rows)
+            self._compiled_kinds.add(one_token)
+            return out
+        finally:
+            _STEP.plan = None
 
     def _gather_workspace(self, n_blocks: int) -> torch.Tensor:
         """A flat buffer with room for ``n_blocks`` gathered blocks of keys and as many of values (one
@@ -449,9 +524,11 @@ class Transformer(nn.Module):
         tokens = batch.tokens.to(device, non_blocking=True)
         h = self.tok_embeddings(tokens)  # [n_tokens, dim]
         rope = self.rope[plan.positions]  # [n_tokens, head_dim // 2, 2]
-        for layer in self.layers:
-            xq, xk, xv = self._attention_input(layer, h, rope)
-            h = self._attention_output(layer, h, layer.attention.attend(xq, xk, xv, plan))
+        if self._compiled_layers is None:
+            for layer in self.layers:
+                h = layer(h, rope, plan)
+        else:
+            h = self._run_compiled(h, rope, plan)
         if not all_logits:
             h = h[plan.last_rows]  # only the rows we need logits for: the output layer is the largest
         return self.output(self.norm(h)).float()

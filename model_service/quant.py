@@ -268,7 +268,8 @@ class Int8Embedding(nn.Module):
 
 class FusedLinear(nn.Module):
     """Float column-parallel layers side by side: ``y = x @ cat(weights).T`` (a column layer's input
-    needs no collective outside autograd, and fused layers never gather their output)."""
+    needs no collective outside autograd, and fused layers never gather their output); also any one
+    parallel layer on a single rank (``Transformer.compile``)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()

@@ -13,6 +13,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +30,7 @@ from llama_grpc_runtime.server import GrpcServer
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
 
-from .build import DTYPES, malloc_trim
+from .build import DTYPES, compile_blocker, malloc_trim
 from .distributed import use_cpu_threads
 from .engine import (
     Engine,
@@ -124,10 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "and int8 embeddings; none: the checkpoint's weights in --dtype (default: a GGUF file "
                          "in its own quantisation where a kernel holds it, Q4_0/Q4_1 int4 and Q8_0 int8; "
                          "Meta / Hugging Face checkpoints as they are)")
-    parser.add_flag("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="run the layers' dense parts torch.compile'd (compiled at start-up, ~1 min on 2 CPU cores "
-                         "the first time; cached under $LLAMA_GRPC_CACHE/inductor, so a restart takes seconds); "
-                         "~8%% faster decode on CPU")
+    parser.add_flag("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the model's layers as one torch.compile'd graph (default: on for a CPU model on one "
+                         "rank where a C++ compiler is found). Compiled at start-up: ~1 min on 2 CPU cores the first "
+                         "time, cached under $LLAMA_GRPC_CACHE/inductor so a restart takes ~15 s. SmolLM2 on 2 "
+                         "cores: decode ~20%% faster at batch 1, ~10%% at 16; ~260 MB more resident memory")
     parser.add_flag("--threads", type=int, default=0,
                     help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: "
                          "OMP_NUM_THREADS if set, else the cores this process may use: its CPU affinity, capped "
@@ -174,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-step-failures must be >= 1")
     if args.threads < 0:
         parser.error("--threads must be >= 0 (0: OMP_NUM_THREADS, else the cores this process may use)")
+    blocker = compile_blocker(args.device, args.tp)
+    if args.compile is None:  # where it is measured to pay: CPU, one rank
+        args.compile = args.device == "cpu" and blocker is None
+    elif args.compile and blocker:
+        parser.error(f"--compile: {blocker}")
     return args
 
 
@@ -448,8 +455,13 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                         prefix_cache=config.prefix_cache, on_fatal=self._on_engine_failure,
                         grammars=load_grammars(config.checkpoint, info.vocab_size, list(info.stop_token_ids)),
                         step_timeout=config.step_timeout or None, max_step_failures=config.max_step_failures)
+        started = time.monotonic()
+        if info.compile != "off":
+            log.info("compiling the model's layers on the warm-up step (~1 min on 2 CPU cores the first "
+                     "time; later starts load inductor's cache)", compile=info.compile,
+                     cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default"))
         engine.warm_up()
-        log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
+        log.info("model ready", warm_up_s=round(time.monotonic() - started, 1), model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=config.max_batch_size, tp=config.tp,
                  kv_cache_tokens=engine.kv_cache_tokens, kv_block_size=engine.block_size,
                  kv_cache_mib=round(engine.kv_cache_tokens * self.runner_bytes_per_token(loaded) / 2**20, 1),

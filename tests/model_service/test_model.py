@@ -1,5 +1,6 @@
 """The serving KV cache: incremental decode equals full recompute, and a mixed batch (sequences at
-different positions, prompt chunks beside decode tokens, any slots) equals each sequence run alone."""
+different positions, prompt chunks beside decode tokens, any slots) equals each sequence run alone;
+eager and compiled (``--compile``)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ VOCAB = 512
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoints: dict[str, Path]) -> Transformer:
-    return build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64).model
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def model(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Transformer:
+    # Compiled: every layout below runs through the two graphs a compiled model has (one token, several),
+    # which its first steps compile; any later step that needed a third graph would raise.
+    return build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, compile=request.param == "compiled").model
 
 
 def tokens(n: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``--compile``: the layers' dense parts run torch.compile'd and give the eager path's greedy tokens.
+"""``--compile``: the layers run as one torch.compile'd graph and give the eager path's greedy tokens.
 
 Truth is the eager path (itself checked against HF transformers and llama.cpp elsewhere). Inductor fuses
 elementwise operations, so floats may differ in the last bits; greedy tokens must not, on a random
@@ -7,6 +7,8 @@ SmolLM2 file (packed int4 / int8 weights).
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -64,11 +66,51 @@ def test_compiled_smollm2_decodes_the_eager_tokens():
     assert results[True] == results[False]
 
 
-def test_compile_flag_and_its_environment_twin(monkeypatch):
-    assert not ModelServiceConfig.from_args(parse_args([])).compile  # off unless asked: start-up stays short
-    assert ModelServiceConfig.from_args(parse_args(["--compile"])).compile
-    monkeypatch.setenv("LLAMA_MODEL_COMPILE", "1")
-    assert ModelServiceConfig.from_args(parse_args([])).compile
-    assert not ModelServiceConfig.from_args(parse_args(["--no-compile"])).compile
+def test_compile_flag_default_and_its_environment_twin(monkeypatch):
+    monkeypatch.delenv("LLAMA_MODEL_COMPILE", raising=False)  # tests/conftest.py turns it off for other tests
+    config = lambda *argv: ModelServiceConfig.from_args(parse_args(list(argv)))  # noqa: E731
+    assert shutil.which("g++"), "this machine's base image has g++ (inductor's CPU compiler)"
+    assert config().compile  # default: on for a CPU model on one rank
+    assert not config("--no-compile").compile
+    assert not config("--tp", "2").compile  # collectives run eager: off by default ...
+    with pytest.raises(SystemExit):
+        config("--tp", "2", "--compile")  # ... and refused when asked for
     monkeypatch.setenv("LLAMA_MODEL_COMPILE", "false")
-    assert not ModelServiceConfig.from_args(parse_args([])).compile
+    assert not config().compile
+    assert config("--compile").compile
+    monkeypatch.setenv("LLAMA_MODEL_COMPILE", "1")
+    assert config().compile
+    monkeypatch.delenv("LLAMA_MODEL_COMPILE")
+    monkeypatch.setenv("PATH", "/nonexistent")  # no C++ compiler: off, and refused when asked for
+    assert not config().compile
+    with pytest.raises(SystemExit):
+        config("--compile")
+
+
+def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints):
+    # The same steps on an eager and a compiled model: prompts in blocks in no order (one block shared),
+    # a prompt chunk over cached blocks beside decoding sequences, six sequences decoding (two gather
+    # groups), one sequence decoding alone; the compiled model compiles on its first two steps only.
+    models = {compile: build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, compile=compile).model
+              for compile in (False, True)}
+    free = torch.randperm(24, generator=torch.Generator().manual_seed(11)).tolist()
+    gen = torch.Generator().manual_seed(12)
+    lengths = [20, 9, 33, 5, 17, 21]
+    tables = [free[4 * i: 4 * i + 4] for i in range(6)]
+    tables[5][0] = tables[0][0]  # sequence 5 shares sequence 0's first block (a cached prefix)
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in lengths]
+    prompts[5][:16] = prompts[0][:16]
+    steps = [Batch(prompts[0], [tables[0]], [0], [20]),  # compiles "several tokens"
+             Batch(prompts[0][:1], [tables[0]], [20], [1])]  # compiles "one token"
+    steps += [Batch(p, [t], [0], [len(p)]) for p, t in zip(prompts[1:5], tables[1:5], strict=True)]
+    steps.append(Batch(prompts[5][16:], [tables[5]], [16], [len(prompts[5]) - 16]))  # over the shared block
+    positions = [21] + lengths[1:]
+    steps.append(Batch(torch.randint(0, 512, (8,), generator=gen), tables[:3], positions[:3], [1, 1, 6]))
+    positions[2] += 6
+    for _ in range(2):
+        steps.append(Batch(torch.randint(0, 512, (6,), generator=gen), tables, list(positions), [1] * 6))
+        positions = [p + 1 for p in positions]
+    steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [tables[3]], [positions[3]], [1]))
+    for i, batch in enumerate(steps):
+        eager, compiled = (models[c](batch, all_logits=True) for c in (False, True))
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
