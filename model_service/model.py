@@ -415,8 +415,6 @@ class Transformer(nn.Module):
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
-        self._compiled_kinds: set[bool] = set()  # the graphs compiled so far: one token (True), several
-        self.recompiles = 0  # steps that needed a graph beyond those two (none expected; tests check)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -438,7 +436,6 @@ class Transformer(nn.Module):
             attn.cache = KVCache(num_blocks, block_size, attn.n_local_kv_heads, attn.head_dim, dtype, device)
         self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
         self._workspace = None
-        self._compiled_kinds.clear()  # new buffers: the next step of each kind checks every guard again
 
     def compile(self) -> str:
         """``torch.compile`` the whole stack of layers as one graph: norms, projections, RoPE, residuals
@@ -473,28 +470,13 @@ class Transformer(nn.Module):
         return h
 
     def _run_compiled(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """The compiled layers on ``h``. The first step of each kind (one token; several, marked dynamic)
-        compiles its graph with every guard checked; later steps check only the guards that tell the
-        two graphs apart (``skip_guard_eval_unsafe``): the full check of ~400 parameters and buffers
-        took ~0.8 ms a step, 10% of a SmolLM2 token. Safe because nothing a guard watches (modules,
-        dtypes, devices, the cache's shape) changes after start-up; ``setup_caches`` starts afresh."""
-        one_token = h.shape[0] == 1
+        """The compiled layers on ``h``, with ``plan`` where the attention op reads it."""
+        if h.shape[0] > 1:  # one graph for every count of two or more tokens, not a static one for the first
+            for x in (h, rope, plan.cache_rows):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
         _STEP.plan = plan
         try:
-            if one_token in self._compiled_kinds:
-                try:
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                        return self._compiled_layers(h, rope, plan.cache_rows)
-                except RuntimeError as exc:  # raised before the graph runs: nothing was written
-                    if "skip_guard_eval_unsafe" not in str(exc):
-                        raise
-                    self.recompiles += 1  # a step no graph fits: compile one with every guard checked
-            if not one_token:  # one graph for every count of two or more tokens
-                for x in (h, rope, plan.cache_rows):
-                    torch._dynamo.maybe_mark_dynamic(x, 0)
-            out = self._compiled_layers(h, rope, plan.cache_rows)
-            self._compiled_kinds.add(one_token)
-            return out
+            return self._compiled_layers(h, rope, plan.cache_rows)
         finally:
             _STEP.plan = None
 

@@ -19,8 +19,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=["eager", "compiled"])
 def model(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Transformer:
-    # Compiled: every layout below runs through the two graphs a compiled model has (one token, several),
-    # which its first steps compile; any later step that needed a third graph would raise.
+    # Compiled: every layout below runs through the two graphs a compiled model has (one token, several).
     return build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, compile=request.param == "compiled").model
 
 
