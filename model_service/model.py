@@ -444,9 +444,9 @@ class Transformer(nn.Module):
         is dynamic, so one graph serves every step of two or more tokens (prompt chunks, batched decode,
         mixed) and one the single-token decode step. Returns what runs compiled (``GetModelInfo.compile``).
 
-        Why the whole stack: a step's ~80 small eager operations a layer cost more than its matmuls at
-        batch 1 (SmolLM2, 2 CPU threads: 8.2 -> 5.6 ms a token); compiling each layer's parts apart
-        saved only 3-4%, the compiled calls' own overhead eating the fusion's gain."""
+        Why the whole stack: at batch 1 a step's ~80 small eager operations a layer cost about as much as
+        its matmuls (SmolLM2, 2 CPU threads, context 32: 8.3 -> 6.3 ms a token compiled); compiling each
+        layer's parts apart saved only 3-4%, the 60 compiled calls' own overhead eating the fusion's gain."""
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
         # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
