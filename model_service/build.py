@@ -293,7 +293,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     ``tokenizer_vocab_size``, when given, is checked against the model's vocabulary. ``quantize``: "none",
     "int8", "int4" (weight-only, every linear and the embeddings), or None: a GGUF file in its own
     quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers run as one
-    ``torch.compile``'d graph (``Transformer.compile``; compiled on the first forward of each kind, cached on disk,
+    ``torch.compile``'d graph (``Transformer.compile``; compiled here, ~1 min on 2 CPU cores, cached on disk,
     see ``use_compile_cache``, so a restart does not compile again). ``packed_activations``: what the
     packed kernels of a float32 model multiply (``quant.PACKED_ACTIVATIONS``).
     """
@@ -339,6 +339,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     if compile:
         use_compile_cache()
         compiled = model.compile()
+        model.warm_up_compiled()
 
     info = CheckpointInfo(
         **source, vocab_size=args.vocab_size, max_seq_len=serving_len,

@@ -13,7 +13,6 @@ import asyncio
 import os
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -440,6 +439,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                               packed_activations=config.packed_activations, threads=config.threads)
         log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
                  device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
+        if config.compile:
+            log.info("the model's layers compile after loading (~1 min on 2 CPU cores the first time; later "
+                     "starts load inductor's cache, $LLAMA_GRPC_CACHE/inductor)")
         if config.tp > 1:
             self.runner = TensorParallelRunner(config.tp, options, on_rank_death=self.fatal)
             loaded = self.runner.start()
@@ -455,13 +457,8 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
                         prefix_cache=config.prefix_cache, on_fatal=self._on_engine_failure,
                         grammars=load_grammars(config.checkpoint, info.vocab_size, list(info.stop_token_ids)),
                         step_timeout=config.step_timeout or None, max_step_failures=config.max_step_failures)
-        started = time.monotonic()
-        if info.compile != "off":
-            log.info("compiling the model's layers on the warm-up step (~1 min on 2 CPU cores the first "
-                     "time; later starts load inductor's cache)", compile=info.compile,
-                     cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default"))
         engine.warm_up()
-        log.info("model ready", warm_up_s=round(time.monotonic() - started, 1), model=info.name, format=info.format, vocab_size=info.vocab_size,
+        log.info("model ready", model=info.name, format=info.format, vocab_size=info.vocab_size,
                  max_seq_len=info.max_seq_len, max_batch_size=config.max_batch_size, tp=config.tp,
                  kv_cache_tokens=engine.kv_cache_tokens, kv_block_size=engine.block_size,
                  kv_cache_mib=round(engine.kv_cache_tokens * self.runner_bytes_per_token(loaded) / 2**20, 1),

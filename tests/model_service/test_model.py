@@ -19,7 +19,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=["eager", "compiled"])
 def model(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Transformer:
-    # Compiled: every layout below runs through the two graphs a compiled model has (one token, several).
+    # Compiled: every layout below runs through the graphs a compiled model has (see test_model_compile).
+    torch._dynamo.reset()  # without graphs other tests' models left
     return build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, compile=request.param == "compiled").model
 
 

@@ -20,6 +20,13 @@ from model_service.server import ModelServiceConfig, parse_args
 STEPS = 12
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Compiled graphs are kept per function, for every model built in this process: start each test
+    without the earlier tests' (and within dynamo's limit of graphs a function keeps)."""
+    torch._dynamo.reset()
+
+
 def greedy(model, prompts: list[list[int]], steps: int = STEPS) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy continuations of several prompts decoded together (slot i per prompt), and the first logits."""
     slots = list(range(len(prompts)))
@@ -61,11 +68,7 @@ def test_compiled_smollm2_decodes_the_eager_tokens():
     results = {}
     for compile in (False, True):
         model = build(None, max_batch_size=2, max_seq_len=128, compile=compile).model
-        if compile:  # like the engine's warm-up: a short prompt, then one decode step; 32 tokens, which is
-            # SmolLM2's head_dim // 2 (a size shape inference would tie to RoPE's without the dynamic mark)
-            model(Batch(torch.arange(32), [0], [0], [32]))
-            model(Batch(torch.tensor([32]), [0], [32], [1]))
-        # Then prompts, batched and single decode steps of other sizes reuse those two graphs.
+        # build() compiled every graph: prompts, batched and single decode steps of any size reuse them.
         with torch.compiler.set_stance("fail_on_recompile" if compile else "default"):
             results[compile] = greedy(model, prompts)[0], greedy(model, prompts[:1])[0]
     assert results[True] == results[False]
@@ -96,7 +99,7 @@ def test_compile_flag_default_and_its_environment_twin(monkeypatch):
 def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize):
     # The same steps on an eager and a compiled model: prompts in blocks in no order (one block shared),
     # a prompt chunk over cached blocks beside decoding sequences, six sequences decoding (two gather
-    # groups), one sequence decoding alone; the compiled model compiles on its first two steps only.
+    # groups), one sequence decoding alone over blocks in order and out of order, a one-token prompt.
     models = {compile: build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, quantize=quantize,
                              compile=compile).model
               for compile in (False, True)}
@@ -107,10 +110,10 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize):
     tables[5][0] = tables[0][0]  # sequence 5 shares sequence 0's first block (a cached prefix)
     prompts = [torch.randint(0, 512, (n,), generator=gen) for n in lengths]
     prompts[5][:16] = prompts[0][:16]
-    # The first step compiles "several tokens", with 8 of them: tiny's head_dim // 2, a size that shape
-    # inference would otherwise take for the same symbol as RoPE's and so make the graph static.
+    # 8 tokens first: tiny's head_dim // 2, a size shape inference would otherwise take for the same
+    # symbol as RoPE's; then one token over blocks in order (the view graph), then a chunk over them.
     steps = [Batch(prompts[0][:8], [tables[0]], [0], [8]),
-             Batch(prompts[0][8:9], [tables[0]], [8], [1]),  # compiles "one token"
+             Batch(prompts[0][8:9], [tables[0][:1]], [8], [1]),
              Batch(prompts[0][9:], [tables[0]], [9], [11])]
     steps += [Batch(p, [t], [0], [len(p)]) for p, t in zip(prompts[1:5], tables[1:5], strict=True)]
     steps.append(Batch(prompts[5][16:], [tables[5]], [16], [len(prompts[5]) - 16]))  # over the shared block
@@ -120,10 +123,10 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize):
     for _ in range(2):
         steps.append(Batch(torch.randint(0, 512, (6,), generator=gen), tables, list(positions), [1] * 6))
         positions = [p + 1 for p in positions]
-    steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [tables[3]], [positions[3]], [1]))
+    steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [tables[3]], [positions[3]], [1]))  # out of order
+    steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [[0, 1]], [0], [1]))  # a one-token prompt
     for i, batch in enumerate(steps):
-        # After the first two steps, a step that needed a third graph would raise.
-        with torch.compiler.set_stance("fail_on_recompile" if i >= 2 else "default"):
+        with torch.compiler.set_stance("fail_on_recompile"):  # build() compiled every graph a step needs
             compiled = models[True](batch, all_logits=True)
         eager = models[False](batch, all_logits=True)
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
