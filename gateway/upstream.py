@@ -105,6 +105,20 @@ def _resolve(hostport: str) -> tuple[str, str]:
     return "ipv4", f"{ip}:{port}"
 
 
+# What grpc's asyncio client reports when one of a call's operations fails in its own transport (a
+# message written to a stream whose peer has just gone away): INTERNAL with this fixed text (grpc's
+# ``_AioCall.set_internal_error``), not a status the upstream sent. Seen when a tokenizer is killed while
+# the gateway writes to its DecodeStream (tests/fault, under load).
+TRANSPORT_FAILURE = "Internal error from Core"
+
+
+def upstream_lost(error: grpc.aio.AioRpcError) -> bool:
+    """The call failed because its upstream could not be reached or went away (not a refusal it sent)."""
+    code = error.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.INTERNAL
+                                                   and error.details() == TRANSPORT_FAILURE)
+
+
 @dataclass(frozen=True)
 class UpstreamSecurity:
     """How the gateway authenticates to its upstreams and checks them (all optional)."""
@@ -150,7 +164,7 @@ class Upstream:
 
     def unavailable(self, error: grpc.aio.AioRpcError) -> Exception:
         """UNAVAILABLE naming this upstream; other statuses pass through unchanged."""
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if upstream_lost(error):
             details = (error.details() or "").strip()
             return Unavailable(f"{self.name} unavailable at {self.address}" + (f": {details[:200]}" if details else ""))
         return error
@@ -303,7 +317,7 @@ class ModelClient:
 
     def unavailable(self, error: grpc.aio.AioRpcError, address: str | None = None) -> Exception:
         """UNAVAILABLE naming the replica; other statuses pass through unchanged."""
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if upstream_lost(error):
             details = (error.details() or "").strip()
             return Unavailable(f"{self.name} unavailable at {address or self.address}"
                                + (f": {details[:200]}" if details else ""))

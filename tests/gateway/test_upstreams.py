@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -107,3 +108,27 @@ def test_calls_spread_over_model_replicas(stack: Stack):
                     assert served == [3, 3], served  # then they strictly alternate
                 else:  # a dns:/// target works too (one replica behind this name)
                     assert served_by(6) == [6, 0]
+
+
+def test_a_call_lost_in_grpcs_own_transport_is_unavailable_naming_the_upstream():
+    # grpc's asyncio client reports a write to a stream whose peer just died as INTERNAL "Internal error
+    # from Core" (its _AioCall.set_internal_error): the upstream went away. An INTERNAL status the upstream
+    # itself sent passes through.
+    from gateway.upstream import TRANSPORT_FAILURE, TokenizerClient
+    from llama_grpc_runtime.errors import Unavailable
+
+    def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    async def check() -> None:
+        client = TokenizerClient("127.0.0.1:9")
+        try:
+            lost = client.unavailable(error(grpc.StatusCode.INTERNAL, TRANSPORT_FAILURE))
+            assert isinstance(lost, Unavailable)
+            assert str(lost).startswith("tokenizer service unavailable at 127.0.0.1:9"), str(lost)
+            own = error(grpc.StatusCode.INTERNAL, "the tokenizer's own failure")
+            assert client.unavailable(own) is own
+        finally:
+            await client.close()
+
+    asyncio.run(check())
