@@ -415,7 +415,6 @@ class Transformer(nn.Module):
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
-        self._compiled_one_view = None  # compile(): the same for batch-1 decode over consecutive blocks
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -444,7 +443,7 @@ class Transformer(nn.Module):
         the paged cache as one opaque op (``paged_attention``) reading the step's plan. The token count
         is dynamic, so one graph serves every step of two or more tokens (prompt chunks, batched decode,
         mixed) and one any other single-token step; batch-1 decode over consecutive blocks has its own
-        (``_layers_one_view``). ``warm_up_compiled`` compiles all three. Returns what runs compiled
+        (``_layers``' view). ``warm_up_compiled`` compiles all three. Returns what runs compiled
         (``GetModelInfo.compile``).
 
         Why the whole stack: at batch 1 a step's ~80 small eager operations a layer cost about as much as
@@ -460,7 +459,6 @@ class Transformer(nn.Module):
                     if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
                         setattr(module, name, FusedLinear(child.weight))
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True)
-        self._compiled_one_view = torch.compile(self._layers_one_view, dynamic=True, fullgraph=True)
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
                          "over a view of it), dynamic token count")
         return self.compiled
@@ -481,31 +479,26 @@ class Transformer(nn.Module):
         self(Batch(tokens[:1], [in_order], [prompt], [1]))
         self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
 
-    def _layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
-        """Every layer of a step, attention through the op (the plan set by ``forward``): what compiles."""
+    def _layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor,
+                view: tuple[int, int] | None = None) -> torch.Tensor:
+        """Every layer of a step: what compiles. Attention goes through the op (the plan set by ``forward``),
+        or, for batch-1 decode over consecutive blocks, over a ``view`` of the cache inside the graph:
+        ``(first_row + 2, length)``, ~0.45 ms a SmolLM2 token (7%) less than the op. Both ints arrive 2
+        higher than they could be at least, so neither is ever 0 or 1, values the compiler would
+        specialise a graph on."""
         for layer in self.layers:
             xq, xk, xv = layer.attention_input(h, rope)
             cache = layer.attention.cache
             write_cache(xk, xv, cache.k, cache.v, cache_rows)
-            h = layer.attention_output(h, paged_attention(xq, cache.k, cache.v))
-        return h
-
-    def _layers_one_view(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor, first_row: int,
-                         length: int) -> torch.Tensor:
-        """Every layer of a step in which one sequence decodes one token over consecutive blocks (batch-1
-        decode): attention over a view of the cache, ``length`` rows from ``first_row - 2``, inside the
-        graph: ~0.45 ms a SmolLM2 token (7%) less than the op. Both ints arrive 2 higher than they could
-        be at least, so neither is ever 0 or 1, values the compiler would specialise a graph on."""
-        for layer in self.layers:
-            xq, xk, xv = layer.attention_input(h, rope)
-            cache = layer.attention.cache
-            write_cache(xk, xv, cache.k, cache.v, cache_rows)
-            kv_heads, head_dim = cache.k.shape[2:]
-            keys = cache.k.view(-1, kv_heads, head_dim).narrow(0, first_row - 2, length).transpose(0, 1)
-            values = cache.v.view(-1, kv_heads, head_dim).narrow(0, first_row - 2, length).transpose(0, 1)
-            q = xq.view(kv_heads, -1, head_dim)  # GQA: a KV head's query heads as its query positions
-            attn = F.scaled_dot_product_attention(q[None], keys[None], values[None])
-            h = layer.attention_output(h, attn.reshape(1, -1))
+            if view is None:
+                attn = paged_attention(xq, cache.k, cache.v)
+            else:
+                kv_heads, head_dim = cache.k.shape[2:]
+                keys = cache.k.view(-1, kv_heads, head_dim).narrow(0, view[0] - 2, view[1]).transpose(0, 1)
+                values = cache.v.view(-1, kv_heads, head_dim).narrow(0, view[0] - 2, view[1]).transpose(0, 1)
+                q = xq.view(kv_heads, -1, head_dim)  # GQA: a KV head's query heads as its query positions
+                attn = F.scaled_dot_product_attention(q[None], keys[None], values[None]).reshape(1, -1)
+            h = layer.attention_output(h, attn)
         return h
 
     def _run_compiled(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -513,7 +506,7 @@ class Transformer(nn.Module):
         any other step through the op graphs, with ``plan`` where the attention op reads it."""
         if isinstance(plan.decode_blocks, slice) and plan.decode_only and plan.decode_len >= 2:
             first_row = plan.decode_blocks.start * self.block_size
-            return self._compiled_one_view(h, rope, plan.cache_rows, first_row + 2, plan.decode_len)
+            return self._compiled_layers(h, rope, plan.cache_rows, (first_row + 2, plan.decode_len))
         if h.shape[0] > 1:  # one graph for every count of two or more tokens, not a static one for the first
             for x in (h, rope, plan.cache_rows):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
