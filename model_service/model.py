@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -122,6 +122,9 @@ class Batch:
     block_tables: list[list[int]] | list[int]  # per sequence: its blocks, or a slot number
     start_pos: list[int]  # cache position of each sequence's first new token
     lengths: list[int]  # new tokens per sequence; sum(lengths) == n_tokens
+    # (from, to): blocks whose keys and values are copied, in every layer, before the step writes
+    # anything (a sequence the scheduler moved into one run of blocks).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -516,6 +519,15 @@ class Transformer(nn.Module):
         finally:
             _STEP.plan = None
 
+    def _copy_blocks(self, copies: list[tuple[int, int]], device: torch.device) -> None:
+        if not all(0 <= block < self.num_blocks for pair in copies for block in pair):
+            raise ValueError(f"block copies {copies} name blocks outside the cache's {self.num_blocks}")
+        source, target = (torch.tensor(blocks, dtype=torch.long, device=device) for blocks in zip(*copies))
+        for layer in self.layers:
+            cache = layer.attention.cache
+            for buffer in (cache.k, cache.v):
+                buffer.index_copy_(0, target, buffer.index_select(0, source))
+
     def _gather_workspace(self, n_blocks: int) -> torch.Tensor:
         """A flat buffer with room for ``n_blocks`` gathered blocks of keys and as many of values (one
         gather's worth: each gather of a step reuses it in turn). Kept between steps and grown, never
@@ -543,6 +555,8 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches() before forward()")
         device = self.rope.device
         plan = _make_plan(batch, self.block_size, self.num_blocks, self.max_seq_len, device)
+        if batch.block_copies:
+            self._copy_blocks(batch.block_copies, device)
         if plan.gather_blocks:
             plan.workspace = self._gather_workspace(plan.gather_blocks)
         tokens = batch.tokens.to(device, non_blocking=True)

@@ -24,6 +24,7 @@ def make_batch(work: list[Work], device: torch.device) -> Batch:
         block_tables=[list(item.block_table) for item in work],
         start_pos=[item.start for item in work],
         lengths=[item.length for item in work],
+        block_copies=[pair for item in work for pair in item.block_copies],
     )
 
 

@@ -39,10 +39,15 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import heapq
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+
+# Free blocks after a moved sequence's own, when a run that long is free: room to grow before moving again.
+RUN_HEADROOM = 8
 
 
 class FinishReason(enum.Enum):
@@ -98,6 +103,9 @@ class Work:
     length: int
     token_ids: tuple[int, ...]
     block_table: tuple[int, ...]  # enough blocks for positions [0, start + length)
+    # (from, to) blocks whose keys and values the forward copies before anything else (the sequence
+    # moved to ``block_table`` this step; ``from`` blocks may be reused after this step, not during it).
+    block_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def completes(self) -> bool:
@@ -133,7 +141,12 @@ class BlockPool:
     def __init__(self, num_blocks: int, prefix_cache: bool) -> None:
         self.num_blocks = num_blocks
         self.prefix_cache = prefix_cache
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out block 0 first
+        # Free blocks: a min-heap (the lowest goes first, so a new table starts in one run of blocks)
+        # that may also hold blocks a growing table took out of turn; ``_is_free`` says which are.
+        self._free = list(range(num_blocks))
+        self._is_free = [True] * num_blocks
+        self._num_free = num_blocks
+        self.runs_freed = 0  # blocks freed so far: a free run can only have grown when this moved
         self._refs = [0] * num_blocks
         self._key_of: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}  # block name -> block
@@ -142,27 +155,83 @@ class BlockPool:
     @property
     def available(self) -> int:
         """Blocks an allocation can take now (free ones, then cached ones nobody holds)."""
-        return len(self._free) + len(self._evictable)
+        return self._num_free + len(self._evictable)
 
     @property
     def used(self) -> int:
         """Blocks held by at least one sequence."""
         return self.num_blocks - self.available
 
-    def allocate(self, n: int) -> list[int]:
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` blocks for a table whose last block is ``after`` (None: a new table).
+
+        Each goes right after the one before it when that block is free, else the lowest free block,
+        else the least recently used cached one: a sequence that grows alone keeps its blocks in one
+        run, which the model reads as a view of the cache instead of gathering them.
+        """
         if n > self.available:
             raise RuntimeError(f"asked for {n} blocks with {self.available} available")
         blocks = []
         for _ in range(n):
-            if self._free:
-                block = self._free.pop()
+            if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
+                block = after + 1
+                self._take_free(block)
+            elif self._num_free:
+                block = heapq.heappop(self._free)
+                while not self._is_free[block]:  # taken out of turn since it was pushed
+                    block = heapq.heappop(self._free)
+                self._take_free(block)
             else:
                 block, _ = self._evictable.popitem(last=False)  # least recently used
                 del self._cached[self._key_of[block]]
                 self._key_of[block] = None
             self._refs[block] = 1
             blocks.append(block)
+            after = block
         return blocks
+
+    def first_free_run(self, length: int) -> int | None:
+        """The first block of the lowest run of ``length`` free blocks, else of the longest shorter
+        run (None: no block is free). ``runs_freed`` says when a search that came up short may not."""
+        best, best_len, start = None, 0, None
+        for block, free in enumerate([*self._is_free, False]):
+            if free and start is None:
+                start = block
+            elif not free and start is not None:
+                if block - start >= length:
+                    return start
+                if block - start > best_len:
+                    best, best_len = start, block - start
+                start = None
+        return best
+
+    def free_run_length(self, start: int) -> int:
+        end = start
+        while end < self.num_blocks and self._is_free[end]:
+            end += 1
+        return end - start
+
+    def take_run(self, start: int, n: int) -> list[int]:
+        """Blocks ``start .. start + n - 1``, all free (from ``first_free_run``)."""
+        for block in range(start, start + n):
+            if not self._is_free[block]:
+                raise RuntimeError(f"block {block} is not free")
+            self._take_free(block)
+            self._refs[block] = 1
+        return list(range(start, start + n))
+
+    def _take_free(self, block: int) -> None:
+        self._is_free[block] = False
+        self._num_free -= 1
+
+    def _put_free(self, block: int) -> None:
+        self._is_free[block] = True
+        self._num_free += 1
+        self.runs_freed += 1
+        if len(self._free) >= 2 * self.num_blocks:  # mostly stale entries: rebuild (sorted is a heap)
+            self._free = [b for b in range(self.num_blocks) if self._is_free[b]]
+        else:
+            heapq.heappush(self._free, block)
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each; pass a table in reverse so its tail is evicted before its head."""
@@ -172,7 +241,7 @@ class BlockPool:
                 if self._key_of[block] is not None:
                     self._evictable[block] = None  # most recently used at the end
                 else:
-                    self._free.append(block)
+                    self._put_free(block)
 
     def share(self, block: int) -> None:
         if self._refs[block] == 0:
@@ -215,6 +284,7 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len or num_blocks * block_size, num_blocks * block_size)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # in admission order
+        self._no_run_since: int | None = None  # pool.runs_freed when no free run was long enough
 
     # ---- state, for the engine and metrics -----------------------------------------------------
 
@@ -331,11 +401,13 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 break  # it was the last one: nothing after it is running
-            seq.block_table += self.pool.allocate(need)
+            seq.block_table += self.pool.allocate(need, seq.block_table[-1] if seq.block_table else None)
             if remaining > 1:
                 budget -= length
             work.append(self._work(seq, length))
         admitted = self._admit(budget, work) if not preempted else []
+        if len(work) == 1 and not preempted:
+            work[0] = self._into_one_run(work[0])
         return StepPlan(work, admitted, preempted)
 
     def advance(self, work: list[Work]) -> None:
@@ -371,13 +443,33 @@ class Scheduler:
                 seq.num_cached = cached
             if seq.status is Status.WAITING:
                 seq.cached_prompt_tokens = min(seq.num_cached, seq.prompt_len)
-            seq.block_table += self.pool.allocate(need)
+            seq.block_table += self.pool.allocate(need, seq.block_table[-1] if seq.block_table else None)
             seq.status = Status.RUNNING
             self._running.append(seq)
             admitted.append(seq)
             budget -= length
             work.append(self._work(seq, length))
         return admitted
+
+    def _into_one_run(self, item: Work) -> Work:
+        """A sequence decoding alone whose blocks are not one run (a prefix-cache hit, then blocks from
+        elsewhere) moves into one run of free blocks, its filled blocks copied by this step's forward.
+        The model then attends over a view of the cache instead of gathering the blocks in every layer
+        of every step (~10% of a batch-1 token on CPU); growing, it takes the next block while free.
+        The blocks it leaves keep what they hold (cached prefix blocks stay cached)."""
+        seq, table = item.seq, item.block_table
+        if item.length != 1 or table == tuple(range(table[0], table[0] + len(table))) \
+                or self._no_run_since == self.pool.runs_freed:
+            return item
+        start = self.pool.first_free_run(len(table) + RUN_HEADROOM)
+        if start is None or self.pool.free_run_length(start) < len(table) + 1:  # no room to grow: not worth it
+            self._no_run_since = self.pool.runs_freed
+            return item
+        run = self.pool.take_run(start, len(table))
+        filled = -(-item.start // self.block_size)  # blocks holding positions before this step's token
+        self.pool.release(list(table[::-1]))
+        seq.block_table = run
+        return Work(seq, item.start, item.length, item.token_ids, tuple(run), tuple(zip(table[:filled], run[:filled])))
 
     def _work(self, seq: Sequence, length: int) -> Work:
         start = seq.num_cached

@@ -1,9 +1,9 @@
 """Tensor-parallel serving from one command: rank 0 here, ranks 1..N-1 as child processes.
 
 Rank 0 runs gRPC, the scheduler and sampling. Before each forward it broadcasts the step's batch as
-two int64 tensors (the wire format): a header ``[command, n_tokens, n_seqs, all_logits, n_table_entries]``
-and a payload of the tokens, then per sequence its start position, length and block-table length,
-then every block table concatenated. Each rank holds its heads' share of every KV-cache block, so
+two int64 tensors (the wire format): a header ``[command, n_tokens, n_seqs, all_logits, n_table_entries,
+n_copied]`` and a payload of the tokens, then per sequence its start position, length and block-table
+length, then every block table concatenated, then the (from, to) pairs of blocks to copy first. Each rank holds its heads' share of every KV-cache block, so
 the same block tables address every rank's pool. Every rank then runs the same forward (fairscale's collectives
 inside keep them in lockstep); the gathered logits are used on rank 0 only. Plain tensors work on
 gloo and NCCL alike, with no pickling per step.
@@ -75,37 +75,39 @@ def send_plan(command: int, batch: Batch | None = None, all_logits: bool = False
               device: torch.device = torch.device("cpu")) -> None:
     """Rank 0: tell every rank what comes next."""
     if batch is None:
-        dist.broadcast(torch.tensor([command, 0, 0, 0, 0], dtype=torch.long, device=device), src=0)
+        dist.broadcast(torch.tensor([command, 0, 0, 0, 0, 0], dtype=torch.long, device=device), src=0)
         return
     tables = batch.block_tables
     if any(isinstance(table, int) for table in tables):
         raise ValueError("tensor-parallel batches carry block tables, not slot numbers")
     n_tokens, n_seqs = batch.tokens.numel(), len(batch.lengths)
     flat = [block for table in tables for block in table]
-    dist.broadcast(torch.tensor([command, n_tokens, n_seqs, int(all_logits), len(flat)], dtype=torch.long,
-                                device=device), src=0)
-    layout = torch.tensor([*batch.start_pos, *batch.lengths, *(len(table) for table in tables), *flat],
+    copies = [block for pair in batch.block_copies for block in pair]
+    dist.broadcast(torch.tensor([command, n_tokens, n_seqs, int(all_logits), len(flat), len(copies)],
+                                dtype=torch.long, device=device), src=0)
+    layout = torch.tensor([*batch.start_pos, *batch.lengths, *(len(table) for table in tables), *flat, *copies],
                           dtype=torch.long)
     dist.broadcast(torch.cat([batch.tokens.to(device, torch.long), layout.to(device)]), src=0)
 
 
 def receive_plan(device: torch.device) -> tuple[int, Batch | None, bool]:
     """Ranks 1..N-1: (command, Batch or None, all_logits)."""
-    header = torch.empty(5, dtype=torch.long, device=device)
+    header = torch.empty(6, dtype=torch.long, device=device)
     dist.broadcast(header, src=0)
-    command, n_tokens, n_seqs, all_logits, n_entries = header.tolist()
+    command, n_tokens, n_seqs, all_logits, n_entries, n_copied = header.tolist()
     if command != FORWARD:
         return command, None, False
-    payload = torch.empty(n_tokens + 3 * n_seqs + n_entries, dtype=torch.long, device=device)
+    payload = torch.empty(n_tokens + 3 * n_seqs + n_entries + n_copied, dtype=torch.long, device=device)
     dist.broadcast(payload, src=0)
     layout = payload[n_tokens:].tolist()
-    table_lens, flat = layout[2 * n_seqs:3 * n_seqs], layout[3 * n_seqs:]
+    table_lens = layout[2 * n_seqs:3 * n_seqs]
+    flat, copied = layout[3 * n_seqs:3 * n_seqs + n_entries], layout[3 * n_seqs + n_entries:]
     tables, offset = [], 0
     for length in table_lens:
         tables.append(flat[offset:offset + length])
         offset += length
     batch = Batch(tokens=payload[:n_tokens], block_tables=tables, start_pos=layout[:n_seqs],
-                  lengths=layout[n_seqs:2 * n_seqs])
+                  lengths=layout[n_seqs:2 * n_seqs], block_copies=list(zip(copied[::2], copied[1::2])))
     return command, batch, bool(all_logits)
 
 

@@ -372,10 +372,20 @@ EXPECTED_HITS = [0, 20, 16, 12, 8, 0]
 def test_prefix_cache_never_changes_greedy_tokens(paged_model, prefix_cache):
     engine = make_paged_engine(paged_model, num_blocks=40, prefix_cache=prefix_cache)
     hits_before = counter("llama_model_prefix_cache_hit_tokens_total")
+    moves, forward = [], engine.runner.forward
+
+    def recording(work, all_logits):
+        moves.extend(item.block_copies for item in work if item.block_copies)
+        return forward(work, all_logits)
+
+    engine.runner.forward = recording
     try:
         results = [asyncio.run(collect(engine, GenerationRequest(p, GREEDY, max_new_tokens=6))) for p in FAMILY]
     finally:
         engine.stop()
+    # A hit puts a request's own blocks after cached ones elsewhere: decoding alone, it is moved into
+    # one run of blocks (scheduler._into_one_run), and its tokens stay the reference's.
+    assert bool(moves) is prefix_cache
     for family_prompt, (tokens, _) in zip(FAMILY, results, strict=True):
         assert tokens == paged_reference(paged_model, family_prompt, 6)
     hits = [chunks[-1].cached_prompt_tokens for _, chunks in results]

@@ -319,3 +319,130 @@ def test_block_names_do_not_collide_where_pythons_hash_does():
     first = hashlib.sha256(b"" + (5).to_bytes(4, "little") + (6).to_bytes(4, "little")).digest()
     second = hashlib.sha256(first + (7).to_bytes(4, "little") + (8).to_bytes(4, "little")).digest()
     assert block_keys([5, 6, 7, 8, 9], 2) == [first, second]
+
+
+class CacheContents:
+    """What the model's cache holds after each step: the scheduler's block copies, then its writes,
+    applied to blocks of token ids; before a step reads a sequence's earlier positions they must hold
+    that sequence's own tokens (so a moved sequence attends over exactly what it computed)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, list[int | None]] = {}
+        self.moves = 0
+
+    def step(self, work) -> None:
+        for item in work:  # the forward copies before it writes anything
+            self.moves += bool(item.block_copies)
+            for source, target in item.block_copies:
+                self.blocks[target] = list(self.blocks[source])
+        for item in work:
+            for pos in range(item.start):
+                held = self.blocks[item.block_table[pos // BS]][pos % BS]
+                assert held == item.seq.tokens[pos], f"position {pos} holds {held}, not {item.seq.tokens[pos]}"
+            for pos, token in enumerate(item.token_ids, start=item.start):
+                self.blocks.setdefault(item.block_table[pos // BS], [None] * BS)[pos % BS] = token
+
+
+def is_run(table) -> bool:
+    return list(table) == list(range(table[0], table[0] + len(table)))
+
+
+def test_a_lone_decoding_sequence_moves_into_one_run_of_blocks():
+    scheduler = make(num_blocks=64)
+    contents = CacheContents()
+
+    def step(sample: int = 7):
+        plan = scheduler.schedule()
+        check_tables(scheduler, plan.work)
+        contents.step(plan.work)
+        scheduler.advance(plan.work)
+        for item in plan.work:
+            if item.completes:
+                scheduler.append_token(item.seq, sample)
+        return plan.work
+
+    first = seq(10, max_new=6)
+    scheduler.add(first)
+    while first.status is not Status.FINISHED:
+        step(sample=50 + len(first.tokens))
+    assert first.block_table == [] and scheduler.pool.used == 0  # blocks 0-2 cached, 3 free
+    again = seq(10, max_new=20)  # hits blocks 0 and 1; block 2 is cached (not free): it gets block 3
+    scheduler.add(again)
+    (prefill,) = step()
+    assert prefill.block_table == (0, 1, 3) and prefill.block_copies == ()  # a chunk is not moved
+    (moved,) = step()
+    # Into the lowest run with room to grow; the blocks holding positions 0-10 are copied.
+    assert moved.block_table == (4, 5, 6) and moved.block_copies == ((0, 4), (1, 5), (3, 6))
+    for _ in range(18):
+        (item,) = step()
+        assert is_run(item.block_table) and item.block_copies == ()  # it grows into the next free block
+    assert again.status is Status.FINISHED and contents.moves == 1
+    # The blocks it left keep their names: the same prompt still hits both.
+    third = seq(10, max_new=2)
+    scheduler.add(third)
+    step()
+    assert third.cached_prompt_tokens == 8
+
+
+def test_sequences_are_not_moved_in_company_or_without_room():
+    scheduler = make(num_blocks=64)
+    first = seq(10, max_new=6)
+    scheduler.add(first)
+    while first.status is not Status.FINISHED:
+        run_step(scheduler, sample=50 + len(first.tokens))
+    pair = [seq(10, max_new=20), seq(5, first=300, max_new=20)]
+    for s in pair:
+        scheduler.add(s)
+    for _ in range(8):
+        plan = scheduler.schedule()
+        assert len(plan.work) == 2 and all(item.block_copies == () for item in plan.work)
+        scheduler.advance(plan.work)
+        for item in plan.work:
+            if item.completes:
+                scheduler.append_token(item.seq, 7)
+    assert not is_run(pair[0].block_table)
+    # A pool with no free run longer than the sequence's table: it stays where it is.
+    tight = make(num_blocks=5)
+    head = seq(8, max_new=1)
+    tight.add(head)
+    while head.status is not Status.FINISHED:
+        run_step(tight)
+    blocker = seq(3, first=500, max_new=30)  # the next lowest free block (2), held throughout
+    tail = seq(8, max_new=10)  # hits block 0; 1 is cached, so 3, then 4: [0, 3, 4], and nothing is free
+    for s in (blocker, tail):
+        tight.add(s)
+    run_step(tight)
+    tight.finish(blocker, None)
+    for _ in range(3):
+        plan = tight.schedule()
+        assert [item.block_copies for item in plan.work] == [()]
+        tight.advance(plan.work)
+        tight.append_token(tail, 7)
+    assert tail.block_table == [0, 3, 4]  # after the blocker left, the only free run is [2]: too short
+
+
+def test_every_step_reads_its_own_tokens_under_random_pressure_with_moves():
+    # Shared prefixes, arrivals now and then (so sequences run alone, or in company), a small pool:
+    # moves, prefix hits, evictions and preemptions, with the cache's contents checked against each
+    # sequence's tokens at every step.
+    moves = 0
+    for seed in range(9):
+        rng = random.Random(seed)
+        scheduler = make(max_batch_size=[1, 2, 3][seed % 3], prefill_chunk=8, num_blocks=32)
+        contents = CacheContents()
+        arriving = [seq(rng.randint(1, 24), first=rng.choice([0, 0, 1000 + i]), max_new=rng.randint(1, 30))
+                    for i in range(30)]
+        live = list(arriving)
+        while arriving or len(scheduler):
+            if arriving and (not len(scheduler) or rng.random() < 0.1):
+                scheduler.add(arriving.pop())
+            plan = scheduler.schedule()
+            check_tables(scheduler, plan.work)
+            contents.step(plan.work)
+            scheduler.advance(plan.work)
+            for item in plan.work:
+                if item.completes:
+                    scheduler.append_token(item.seq, rng.randint(0, 9))
+        assert all(s.status is Status.FINISHED for s in live) and scheduler.pool.used == 0
+        moves += contents.moves
+    assert moves >= 5  # the runs did move sequences (13 with these seeds)

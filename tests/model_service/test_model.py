@@ -125,6 +125,25 @@ def test_more_decode_sequences_than_a_gather_group_equal_full_recompute(model):
             assert (out[i] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}, sequence {i}"
 
 
+def test_a_sequence_moved_by_block_copies_decodes_as_before(model):
+    # A prompt in blocks out of order (a prefix hit, then a block from elsewhere); the scheduler moves it
+    # into one run (blocks 12-14) with copies the forward makes before it writes this step's token.
+    seq = tokens(40, 90)
+    old, run = [3, 9, 6], [12, 13, 14]
+    model(Batch(seq, [old], [0], [len(seq)]))
+    before = [(layer.attention.cache.k[old].clone(), layer.attention.cache.v[old].clone()) for layer in model.layers]
+    for step in range(3):
+        new = tokens(1, 91 + step)
+        copies = list(zip(old, run)) if step == 0 else []
+        out = model(Batch(new, [run], [len(seq)], [1], block_copies=copies))
+        seq = torch.cat([seq, new])
+        assert (out[0] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}"
+    for layer, (k, v) in zip(model.layers, before, strict=True):  # the blocks it left are as they were
+        assert torch.equal(layer.attention.cache.k[old], k) and torch.equal(layer.attention.cache.v[old], v)
+    with pytest.raises(ValueError, match="outside the cache"):
+        model(Batch(tokens(1, 0), [run], [len(seq)], [1], block_copies=[(3, model.num_blocks)]))
+
+
 def test_stale_cache_contents_of_a_reused_slot_are_not_attended(model):
     prefill(model, tokens(30, 30), slot=2)  # a long earlier occupant
     seq = tokens(5, 31)

@@ -70,11 +70,13 @@ def test_tp2_n_completions_fork_the_cached_prompt_on_every_rank(tp_server, core)
 
 def test_tp2_prefix_hits_and_block_tables_reach_every_rank(tp_server, core):
     """A repeated prompt is served from cached blocks on both ranks (each holds its heads' share of
-    every block; the block tables travel in the wire format) and gives the same tokens."""
+    every block; the block tables travel in the wire format) and gives the same tokens. The second
+    request's own block comes after the first's cached fourth block, so decoding alone it is moved into
+    one run of blocks: the copies travel in the wire format too, and every rank makes them."""
     prompt = list(range(300, 350))  # 3 full blocks of 16 reusable (no other test starts this way)
-    first, first_responses = asyncio.run(generate(tp_server.address, request(prompt, **greedy(8))))
+    first, first_responses = asyncio.run(generate(tp_server.address, request(prompt, **greedy(16))))
     second, second_responses = asyncio.run(generate(tp_server.address, request(prompt + [7], **greedy(8))))
-    assert first == core_greedy(core, prompt, 8)[0]
+    assert first == core_greedy(core, prompt, 16)[0]
     assert second == core_greedy(core, prompt + [7], 8)[0]
     assert first_responses[-1].usage.cached_prompt_tokens == 0
     assert second_responses[-1].usage.cached_prompt_tokens == 48
