@@ -522,7 +522,7 @@ class Transformer(nn.Module):
     def _copy_blocks(self, copies: list[tuple[int, int]], device: torch.device) -> None:
         if not all(0 <= block < self.num_blocks for pair in copies for block in pair):
             raise ValueError(f"block copies {copies} name blocks outside the cache's {self.num_blocks}")
-        source, target = (torch.tensor(blocks, dtype=torch.long, device=device) for blocks in zip(*copies))
+        source, target = (torch.tensor(blocks, dtype=torch.long, device=device) for blocks in zip(*copies, strict=True))
         for layer in self.layers:
             cache = layer.attention.cache
             for buffer in (cache.k, cache.v):

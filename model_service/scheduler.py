@@ -45,7 +45,6 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-
 # Free blocks after a moved sequence's own, when a run that long is free: room to grow before moving again.
 RUN_HEADROOM = 8
 
@@ -469,7 +468,8 @@ class Scheduler:
         filled = -(-item.start // self.block_size)  # blocks holding positions before this step's token
         self.pool.release(list(table[::-1]))
         seq.block_table = run
-        return Work(seq, item.start, item.length, item.token_ids, tuple(run), tuple(zip(table[:filled], run[:filled])))
+        copies = tuple(zip(table[:filled], run[:filled], strict=True))
+        return Work(seq, item.start, item.length, item.token_ids, tuple(run), copies)
 
     def _work(self, seq: Sequence, length: int) -> Work:
         start = seq.num_cached

@@ -107,7 +107,7 @@ def receive_plan(device: torch.device) -> tuple[int, Batch | None, bool]:
         tables.append(flat[offset:offset + length])
         offset += length
     batch = Batch(tokens=payload[:n_tokens], block_tables=tables, start_pos=layout[:n_seqs],
-                  lengths=layout[n_seqs:2 * n_seqs], block_copies=list(zip(copied[::2], copied[1::2])))
+                  lengths=layout[n_seqs:2 * n_seqs], block_copies=list(zip(copied[::2], copied[1::2], strict=True)))
     return command, batch, bool(all_logits)
 
 

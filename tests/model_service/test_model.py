@@ -134,7 +134,7 @@ def test_a_sequence_moved_by_block_copies_decodes_as_before(model):
     before = [(layer.attention.cache.k[old].clone(), layer.attention.cache.v[old].clone()) for layer in model.layers]
     for step in range(3):
         new = tokens(1, 91 + step)
-        copies = list(zip(old, run)) if step == 0 else []
+        copies = list(zip(old, run, strict=True)) if step == 0 else []
         out = model(Batch(new, [run], [len(seq)], [1], block_copies=copies))
         seq = torch.cat([seq, new])
         assert (out[0] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}"
