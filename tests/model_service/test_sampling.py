@@ -221,3 +221,25 @@ def test_valid_edges_pass():
     for params in (SamplingParams(temperature=0.0), SamplingParams(top_p=1.0), SamplingParams(top_k=0),
                    SamplingParams(seed=2**64 - 1)):
         params.validate()
+
+
+def make_rows(n: int) -> list[SamplingRow]:
+    """Even rows greedy, odd rows sampled with seed = row."""
+    return [SamplingRow(SamplingParams(temperature=0.8, top_p=0.95, seed=i), new_generator(i)) if i % 2
+            else SamplingRow(SamplingParams(temperature=0.0), None) for i in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_row_with_one_nan_or_inf_fails_alone_and_the_others_draw_their_own_tokens(seed):
+    # The finiteness checks are reductions (a row's max and min), not elementwise passes: one bad value
+    # anywhere in a row must still be found, and -inf alone only fails a row when it is the model's.
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(12, VOCAB, generator=g) * 3
+    for row, value in {1: float("nan"), 4: float("inf"), 6: float("-inf"), 9: float("nan"), 10: float("inf")}.items():
+        logits[row, int(torch.randint(0, VOCAB, (1,), generator=g))] = value
+    logits[11] = float("-inf")
+    out = sample(logits, make_rows(12))
+    assert [o.error is not None for o in out] == (~torch.isfinite(logits).all(-1)).tolist()
+    for i in (0, 2, 3, 5, 7, 8):
+        (alone,) = sample(logits[i:i + 1], make_rows(i + 1)[i:])
+        assert out[i].error is None and out[i].token_id == alone.token_id
