@@ -26,10 +26,12 @@ def make(max_batch_size: int = 4, prefill_chunk: int = 100, num_blocks: int = 64
     return Scheduler(max_batch_size, prefill_chunk, num_blocks=num_blocks, block_size=BS, **kwargs)
 
 
-def run_step(scheduler: Scheduler, sample: int = 7):
+def run_step(scheduler: Scheduler, sample: int = 7, contents: CacheContents | None = None):
     plan = scheduler.schedule()
     completes = [item.completes for item in plan.work]
     check_tables(scheduler, plan.work)
+    if contents is not None:
+        contents.step(plan.work)
     scheduler.advance(plan.work)
     for item, done in zip(plan.work, completes, strict=True):  # "sample" where every known token is cached
         if done:
@@ -352,14 +354,7 @@ def test_a_lone_decoding_sequence_moves_into_one_run_of_blocks():
     contents = CacheContents()
 
     def step(sample: int = 7):
-        plan = scheduler.schedule()
-        check_tables(scheduler, plan.work)
-        contents.step(plan.work)
-        scheduler.advance(plan.work)
-        for item in plan.work:
-            if item.completes:
-                scheduler.append_token(item.seq, sample)
-        return plan.work
+        return run_step(scheduler, sample, contents)[0]
 
     first = seq(10, max_new=6)
     scheduler.add(first)
@@ -436,13 +431,7 @@ def test_every_step_reads_its_own_tokens_under_random_pressure_with_moves():
         while arriving or len(scheduler):
             if arriving and (not len(scheduler) or rng.random() < 0.1):
                 scheduler.add(arriving.pop())
-            plan = scheduler.schedule()
-            check_tables(scheduler, plan.work)
-            contents.step(plan.work)
-            scheduler.advance(plan.work)
-            for item in plan.work:
-                if item.completes:
-                    scheduler.append_token(item.seq, rng.randint(0, 9))
+            run_step(scheduler, rng.randint(0, 9), contents)
         assert all(s.status is Status.FINISHED for s in live) and scheduler.pool.used == 0
         moves += contents.moves
-    assert moves >= 5  # the runs did move sequences (13 with these seeds)
+    assert moves >= 5  # the runs did move sequences (11 with these seeds)
