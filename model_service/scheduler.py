@@ -143,7 +143,7 @@ class BlockPool:
         # Free blocks: a min-heap (the lowest goes first, so a new table starts in one run of blocks)
         # that may also hold blocks a growing table took out of turn; ``_is_free`` says which are.
         self._free = list(range(num_blocks))
-        self._is_free = [True] * num_blocks
+        self._is_free = bytearray(b"\x01") * num_blocks  # 1 = free (bytes: runs are found by bytes.find)
         self._num_free = num_blocks
         self.runs_freed = 0  # blocks freed so far: a free run can only have grown when this moved
         self._refs = [0] * num_blocks
@@ -190,25 +190,10 @@ class BlockPool:
         return blocks
 
     def first_free_run(self, length: int) -> int | None:
-        """The first block of the lowest run of ``length`` free blocks, else of the longest shorter
-        run (None: no block is free). ``runs_freed`` says when a search that came up short may not."""
-        best, best_len, start = None, 0, None
-        for block, free in enumerate([*self._is_free, False]):
-            if free and start is None:
-                start = block
-            elif not free and start is not None:
-                if block - start >= length:
-                    return start
-                if block - start > best_len:
-                    best, best_len = start, block - start
-                start = None
-        return best
-
-    def free_run_length(self, start: int) -> int:
-        end = start
-        while end < self.num_blocks and self._is_free[end]:
-            end += 1
-        return end - start
+        """The first block of the lowest run of ``length`` free blocks (None: there is none).
+        ``runs_freed`` says when a search that found none may find one again."""
+        start = self._is_free.find(b"\x01" * length)
+        return None if start < 0 else start
 
     def take_run(self, start: int, n: int) -> list[int]:
         """Blocks ``start .. start + n - 1``, all free (from ``first_free_run``)."""
@@ -220,11 +205,11 @@ class BlockPool:
         return list(range(start, start + n))
 
     def _take_free(self, block: int) -> None:
-        self._is_free[block] = False
+        self._is_free[block] = 0
         self._num_free -= 1
 
     def _put_free(self, block: int) -> None:
-        self._is_free[block] = True
+        self._is_free[block] = 1
         self._num_free += 1
         self.runs_freed += 1
         if len(self._free) >= 2 * self.num_blocks:  # mostly stale entries: rebuild (sorted is a heap)
@@ -461,7 +446,9 @@ class Scheduler:
                 or self._no_run_since == self.pool.runs_freed:
             return item
         start = self.pool.first_free_run(len(table) + RUN_HEADROOM)
-        if start is None or self.pool.free_run_length(start) < len(table) + 1:  # no room to grow: not worth it
+        if start is None:
+            start = self.pool.first_free_run(len(table) + 1)  # at least room for one more block
+        if start is None:
             self._no_run_since = self.pool.runs_freed
             return item
         run = self.pool.take_run(start, len(table))
