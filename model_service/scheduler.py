@@ -32,6 +32,12 @@ on; forks go to the front of the queue, so they join the batch at the next step,
 depends only on the schedule (never on timing), which keeps seeded output reproducible. Their
 ``cached_prompt_tokens`` counts the shared tokens. ``Engine.submit_group`` does this.
 
+**One run of blocks when alone**: a growing table takes the block after its last one while that is
+free (else the lowest free block). A sequence that decodes alone with a table that is not one run
+(a prefix hit puts its own blocks after cached ones elsewhere) is moved into one run of free blocks:
+its ``Work`` carries ``block_copies`` that the forward makes before writing anything, and the model
+then attends over a view of the cache instead of gathering blocks in every layer (``_into_one_run``).
+
 Plain Python: no tensors, no threads, no protobuf.
 """
 
