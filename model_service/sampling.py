@@ -157,23 +157,27 @@ def _filtered_probs(tempered: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     while pending:
         width = min(widths[i] for i in pending)  # the rows at the narrowest prefix still needed, together
         rows = [i for i in pending if widths[i] == width]
-        every = len(rows) == m  # the usual case: no copy of the rows
-        index = torch.tensor(rows, device=probs.device)
-        sub = probs if every else probs[index]
+        every = len(rows) == m  # the usual case: the rows as they are, no copies
+        index = None if every else torch.tensor(rows, device=probs.device)
+
+        def pick(values: torch.Tensor, index: torch.Tensor | None = index) -> torch.Tensor:  # these rows' share
+            return values if index is None else values[index]
+
+        sub = pick(probs)
         if width < vocab:
             probs_sort, probs_idx = torch.topk(sub, width, dim=-1)  # sorted, most likely first
         else:
             probs_sort, probs_idx = torch.sort(sub, dim=-1, descending=True)
         ranks = torch.arange(width, device=probs.device)[None, :]
-        row_top_k = top_k if every else top_k[index]
+        row_top_k = pick(top_k)
         probs_sort = probs_sort.masked_fill(ranks >= row_top_k, 0.0)
         cumulative = torch.cumsum(probs_sort, dim=-1)
         # Meta's mask is ``cumsum - p > top_p`` on probabilities summing to 1; after top-k they sum
         # to the kept mass instead (Hugging Face renormalises there), so scale the threshold.
         mass = torch.where(row_top_k < vocab, cumulative[:, -1:], 1.0)
-        dropped = cumulative - probs_sort > (top_p if every else top_p[index]) * mass
+        dropped = cumulative - probs_sort > pick(top_p) * mass
         if min_p is not None:
-            dropped |= probs_sort < (min_p if every else min_p[index]) * probs_sort[:, :1]
+            dropped |= probs_sort < pick(min_p) * probs_sort[:, :1]
         # The prefix is enough when its last column is dropped (so is every later one, the mask
         # being monotone), or top-k already cut everything after it, or it is the whole vocabulary.
         enough = (dropped[:, -1] | (row_top_k[:, 0] <= width) | (width == vocab)).tolist()

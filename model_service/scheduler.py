@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import heapq
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -146,10 +145,8 @@ class BlockPool:
     def __init__(self, num_blocks: int, prefix_cache: bool) -> None:
         self.num_blocks = num_blocks
         self.prefix_cache = prefix_cache
-        # Free blocks: a min-heap (the lowest goes first, so a new table starts in one run of blocks)
-        # that may also hold blocks a growing table took out of turn; ``_is_free`` says which are.
-        self._free = list(range(num_blocks))
-        self._is_free = bytearray(b"\x01") * num_blocks  # 1 = free (bytes: runs are found by bytes.find)
+        # 1 = free. Bytes, so the lowest free block and the lowest free run are found by ``find`` (C speed).
+        self._is_free = bytearray(b"\x01") * num_blocks
         self._num_free = num_blocks
         self.runs_freed = 0  # blocks freed so far: a free run can only have grown when this moved
         self._refs = [0] * num_blocks
@@ -178,13 +175,10 @@ class BlockPool:
             raise RuntimeError(f"asked for {n} blocks with {self.available} available")
         blocks = []
         for _ in range(n):
-            if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
-                block = after + 1
-                self._take_free(block)
-            elif self._num_free:
-                block = heapq.heappop(self._free)
-                while not self._is_free[block]:  # taken out of turn since it was pushed
-                    block = heapq.heappop(self._free)
+            if self._num_free:
+                following = self.num_blocks if after is None else after + 1
+                block = following if following < self.num_blocks and self._is_free[following] \
+                    else self._is_free.find(1)
                 self._take_free(block)
             else:
                 block, _ = self._evictable.popitem(last=False)  # least recently used
@@ -218,10 +212,6 @@ class BlockPool:
         self._is_free[block] = 1
         self._num_free += 1
         self.runs_freed += 1
-        if len(self._free) >= 2 * self.num_blocks:  # mostly stale entries: rebuild (sorted is a heap)
-            self._free = [b for b in range(self.num_blocks) if self._is_free[b]]
-        else:
-            heapq.heappush(self._free, block)
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each; pass a table in reverse so its tail is evicted before its head."""
