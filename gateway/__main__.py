@@ -30,7 +30,7 @@ from .request import Limits
 from .routing import DEFAULT_ROUTING, ROUTING_POLICIES
 from .servicer import GatewayServicer
 from .state import UpstreamState, agreed_state
-from .upstream import ModelClient, TokenizerClient, UpstreamSecurity, channel_target
+from .upstream import DETOKENIZE_MODES, ModelClient, TokenizerClient, UpstreamSecurity, channel_target
 
 log = structlog.get_logger()
 
@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="with echo: prompt tokens x top_logprobs allowed (each candidate's text is looked up)")
     parser.add_flag("--max-decode-fanout", type=int, default=8,
                     help="Decode calls one request may have in flight to the tokenizer (top-logprob texts)")
+    parser.add_flag("--detokenize", default="local", choices=list(DETOKENIZE_MODES),
+                    help="where generated tokens become text: local decodes them in the gateway from the vocabulary "
+                         "the tokenizer service sends once (GetVocabulary); tokenizer streams them through its "
+                         "DecodeStream (two more messages a token)")
     parser.add_flag("--health-interval", type=float, default=1.0, help="seconds between upstream health checks")
     parser.add_flag("--upstream-tls-ca", default=None,
                     help="CA (PEM) of the tokenizer's and model's certificates: dial them over TLS")
@@ -83,6 +87,7 @@ class GatewayConfig:
     routing: str
     model_resolve_interval: float
     max_decode_fanout: int
+    detokenize: str
     security: UpstreamSecurity
 
     @classmethod
@@ -99,7 +104,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.tokenizer = TokenizerClient(config.tokenizer_address, config.security,
-                                         max_decode_fanout=config.max_decode_fanout)
+                                         max_decode_fanout=config.max_decode_fanout,
+                                         detokenize=config.detokenize)
         self.model = ModelClient(config.model_address, config.security, routing=config.routing,
                                  health_interval=config.health_interval,
                                  resolve_interval=config.model_resolve_interval)

@@ -1,11 +1,13 @@
 """One completion as a pipeline: prepare -> call upstreams -> shape responses.
 
     prompt / messages --Encode / ApplyChatTemplate--> prompt ids --Generate--> generated ids
-    generated ids --DecodeStream (one id a message)--> each token's text --stop matcher--> deltas
+    generated ids --the vocabulary's bytes (or DecodeStream, one id a message)--> each token's text
+                  --stop matcher--> deltas
 
 ``stream`` validates the request and admits it (``ModelUpstream.admit``: RESOURCE_EXHAUSTED at once when
 every model replica is full, before any tokenising), ``prepare`` turns it into prompt ids, ``call`` starts the model's stream
-and the tokenizer's incremental decoder, ``respond`` turns what they return into ``Chunk`` values
+and an incremental decoder (in the gateway, from the vocabulary the tokenizer service sent once:
+``--detokenize local``, the default; or the tokenizer's DecodeStream), ``respond`` turns what they return into ``Chunk`` values
 (``shaping.py``). The upstreams are the ``TokenizerUpstream`` / ``ModelUpstream`` interfaces of ``interfaces.py``,
 and what the gateway knows about them is one ``UpstreamState`` read once per request.
 """

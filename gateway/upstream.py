@@ -10,6 +10,10 @@ round-robin over every address it is given (a comma-separated list, or all the a
 ``dns:///`` name resolves to) and, with client-side health checking, skips replicas that report
 NOT_SERVING (loading or draining).
 
+Generated tokens are decoded in the gateway (``LocalDecoder``, from the vocabulary the tokenizer sends
+once: ``GetVocabulary``); with ``--detokenize tokenizer``, or a tokenizer service without
+``GetVocabulary``, through its ``DecodeStream`` (one id a message: ``DecodeStream`` below).
+
 ``UpstreamSecurity`` makes the channels TLS (``--upstream-tls-ca``), mutual TLS (``--upstream-tls-cert``
 and ``--upstream-tls-key``: the gateway's client certificate) and adds the gateway's bearer token
 (``--upstream-auth-token-file``, its first line, re-read when the file changes) to every call.
@@ -37,6 +41,7 @@ from llama_grpc_runtime.health import is_serving_async
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.model.v1 import model_pb2
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from model_files.detokenize import StreamDecoder, TokenTable
 from model_service.options import Constraint
 
 from .interfaces import Candidate, Deadline, ModelChunk, ModelInfo, TokenizerInfo
@@ -180,13 +185,25 @@ def _candidates(top_logprobs: Sequence[common_pb2.TopLogprobs]) -> list[list[Can
     return [[Candidate(c.token_id, c.logprob, c.text) for c in position.candidates] for position in top_logprobs]
 
 
+# Where generated tokens become text: "local" in the gateway, from the vocabulary the tokenizer sends
+# once (GetVocabulary); "tokenizer" through its DecodeStream, one message each way a token.
+DETOKENIZE_MODES = ("local", "tokenizer")
+VOCABULARY_TIMEOUT_S = 30.0
+
+
 class TokenizerClient(Upstream):
-    def __init__(self, address: str, security: UpstreamSecurity | None = None, *, max_decode_fanout: int = 8) -> None:
+    def __init__(self, address: str, security: UpstreamSecurity | None = None, *, max_decode_fanout: int = 8,
+                 detokenize: str = "local") -> None:
         super().__init__("tokenizer service", address, security)
+        if detokenize not in DETOKENIZE_MODES:
+            raise ValueError(f"detokenize must be one of {DETOKENIZE_MODES}, not {detokenize!r}")
         self.max_decode_fanout = max(1, max_decode_fanout)
+        self.detokenize = detokenize
         self.stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self._token_text: dict[int, str] = {}  # one token's text, for top-logprob candidates
         self._info = b""  # the last GetTokenizerInfo reply: another one means another vocabulary
+        # Every id's bytes, fetched with each new GetTokenizerInfo reply; None: decode through the tokenizer.
+        self.table: TokenTable | None = None
 
     async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
         try:
@@ -207,11 +224,15 @@ class TokenizerClient(Upstream):
         return list((await self._call(self.stub.ApplyChatTemplate, request, deadline)).token_ids)
 
     async def decode(self, token_ids: Sequence[int], deadline: Deadline) -> str:
+        if self.table is not None:
+            return self.table.decode(token_ids)
         request = tokenizer_pb2.DecodeRequest(token_ids=token_ids)
         return (await self._call(self.stub.Decode, request, deadline)).text
 
     async def token_texts(self, token_ids: Sequence[int], deadline: Deadline) -> dict[int, str]:
         """Each id's own text (cached: the vocabulary is fixed while the tokenizer is up)."""
+        if self.table is not None:
+            return {token_id: self.table.decode((token_id,)) for token_id in token_ids}
         cache = self._token_text
         missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in cache]
         fanout = asyncio.Semaphore(self.max_decode_fanout)  # one request never floods the tokenizer
@@ -224,16 +245,63 @@ class TokenizerClient(Upstream):
         cache.update(texts)
         return {token_id: texts[token_id] if token_id in texts else cache[token_id] for token_id in token_ids}
 
-    def decode_stream(self, deadline: Deadline) -> DecodeStream:
+    def decode_stream(self, deadline: Deadline) -> DecodeStream | LocalDecoder:
+        if self.table is not None:
+            return LocalDecoder(self.table)
         return DecodeStream(self, deadline)
 
     async def info(self) -> TokenizerInfo:
         reply = await self._call(self.stub.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest(), Deadline(5.0))
         message = reply.SerializeToString(deterministic=True)
         if message != self._info:  # a restarted tokenizer, maybe with another vocabulary
-            self._info, self._token_text = message, {}
+            self._info, self._token_text, self.table = message, {}, None
+            if self.detokenize == "local":
+                self.table = await self._vocabulary(reply)
         return TokenizerInfo(name=reply.name, vocab_size=reply.vocab_size, stop_token_ids=tuple(reply.stop_token_ids),
                              add_bos_token=reply.add_bos_token, message=message)
+
+
+    async def _vocabulary(self, info: tokenizer_pb2.GetTokenizerInfoResponse) -> TokenTable | None:
+        """Every id's bytes (GetVocabulary); None from a tokenizer service without that call."""
+        token_bytes: list[bytes] = []
+        try:
+            call = self.stub.GetVocabulary(tokenizer_pb2.GetVocabularyRequest(), timeout=VOCABULARY_TIMEOUT_S,
+                                           metadata=self.metadata())
+            async for chunk in call:
+                if chunk.first_token_id != len(token_bytes):
+                    raise Unavailable(f"{self.name} at {self.address} sent its vocabulary out of order (a chunk "
+                                      f"from id {chunk.first_token_id} after {len(token_bytes)} ids)")
+                token_bytes.extend(chunk.token_bytes)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("the tokenizer service has no GetVocabulary: generated tokens are decoded by its "
+                            "DecodeStream", tokenizer=self.address)
+                return None
+            raise self.unavailable(error) from None
+        if len(token_bytes) != info.vocab_size:
+            raise Unavailable(f"{self.name} at {self.address} sent {len(token_bytes)} tokens' bytes for a "
+                              f"vocabulary of {info.vocab_size}")
+        table = TokenTable(token_bytes, info.special_tokens.values())
+        log.info("vocabulary received: generated tokens are decoded in the gateway", tokens=table.vocab_size,
+                 bytes=sum(map(len, token_bytes)))
+        return table
+
+
+class LocalDecoder:
+    """Generated ids decoded in the gateway, from the tokenizer service's vocabulary: the same text,
+    token by token, as its DecodeStream (``model_files.detokenize``), without two messages a token."""
+
+    def __init__(self, table: TokenTable) -> None:
+        self._stream: StreamDecoder = table.stream_decoder(skip_special_tokens=True)
+
+    async def texts(self, token_ids: Sequence[int]) -> list[str]:
+        return self._stream.push_each(token_ids)
+
+    async def finish(self) -> str:
+        return self._stream.flush()
+
+    def cancel(self) -> None:
+        """Nothing to release: no call is open."""
 
 
 class DecodeStream:

@@ -29,6 +29,8 @@ from .template_workers import TemplateWorkers
 # Work on fewer characters (or 4 x ids) than this runs on the event loop: a thread hop costs more.
 # Larger work goes to the worker threads (tiktoken releases the GIL), so concurrent calls use cores.
 _INLINE_CHARS = 8192
+# GetVocabulary sends the token table in chunks of about this many bytes (far below any message limit).
+VOCABULARY_CHUNK_BYTES = 256 * 1024
 _T = TypeVar("_T")
 
 
@@ -50,6 +52,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, max_input_chars: int, threads: int, max_decode_ids: int = 1_000_000,
                  max_chat_messages: int = 4096, template_workers: int = 2, template_timeout: float = 10.0) -> None:
         self.tokenizer: ChatTokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
+        self.token_bytes: list[bytes] = []  # every id's bytes (GetVocabulary), set by load()
         self.max_input_chars = max_input_chars
         self.max_decode_ids = max_decode_ids
         self.max_chat_messages = max_chat_messages
@@ -78,6 +81,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             workers = TemplateWorkers(tokenizer.chat.spec, self.template_processes, self.template_timeout)
             await loop.run_in_executor(self.pool, workers.start)
             self.template_workers = workers
+        self.token_bytes = await loop.run_in_executor(self.pool, tokenizer.token_bytes)
         self.tokenizer = tokenizer
         return tokenizer
 
@@ -199,3 +203,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             name=tokenizer.name,
             add_bos_token=tokenizer.add_bos_token,
         )
+
+    async def GetVocabulary(self, request: tokenizer_pb2.GetVocabularyRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.GetVocabularyResponse]:
+        self._ready()
+        table = self.token_bytes
+        first = 0
+        while first < len(table):
+            end, size = first, 0
+            while end < len(table) and (end == first or size + len(table[end]) <= VOCABULARY_CHUNK_BYTES):
+                size += len(table[end])
+                end += 1
+            yield tokenizer_pb2.GetVocabularyResponse(first_token_id=first, token_bytes=table[first:end])
+            first = end

@@ -8,16 +8,16 @@ Plain Python in, plain Python out (no protobuf); bad input raises ``InvalidArgum
 
 from __future__ import annotations
 
-import codecs
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import regex
 import tiktoken
 
 from llama_grpc_runtime.errors import InvalidArgument
+from model_files.detokenize import StreamDecoder, check_token_ids
 
 from .patterns import GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN
 from .vocabulary import Vocabulary
@@ -200,13 +200,7 @@ class Tokenizer:
 
     # --- decode --------------------------------------------------------------------------------
     def check_ids(self, ids: Sequence[int], field: str = "token_ids") -> None:
-        if not ids:
-            return
-        if min(ids) < 0 or max(ids) >= self.vocab_size or (self._holes and not self._holes.isdisjoint(ids)):
-            for index, token_id in enumerate(ids):
-                if not 0 <= token_id < self.vocab_size or token_id in self._holes:
-                    raise InvalidArgument(f"{field}[{index}]", f"token id {token_id} is not in the vocabulary "
-                                          f"(0..{self.vocab_size - 1})")
+        check_token_ids(ids, self.vocab_size, self._holes, field)
 
     def decode_bytes(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> bytes:
         self.check_ids(ids)
@@ -219,26 +213,15 @@ class Tokenizer:
         return self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode("utf-8", errors="replace")
 
     def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+        return StreamDecoder(partial(self.decode_bytes, skip_special_tokens=skip_special_tokens))
+
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes, in id order, as ``decode_bytes`` joins them (special tokens: their text);
+        empty for an id no token has. What ``GetVocabulary`` sends (``model_files.detokenize.TokenTable``)."""
+        encoding = self.encoding()
+        return [b"" if token_id in self._holes else encoding.decode_single_token_bytes(token_id)
+                for token_id in range(self.vocab_size)]
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
-
-class StreamDecoder:
-    """Decodes ids as they arrive; ``push`` returns only whole UTF-8 text. A character split over
-    tokens is held back until its last byte arrives. ``push``... + ``flush()`` == ``decode(all)``."""
-
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = False) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        # The incremental decoder replaces bad bytes exactly as a one-shot decode(errors="replace").
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, ids: Sequence[int]) -> str:
-        raw = self.tokenizer.decode_bytes(ids, skip_special_tokens=self.skip_special_tokens)
-        return self._utf8.decode(raw, final=False)
-
-    def flush(self) -> str:
-        """The end of the stream: an incomplete character left over becomes U+FFFD."""
-        return self._utf8.decode(b"", final=True)

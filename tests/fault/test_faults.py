@@ -23,6 +23,7 @@ from llama_grpc_devtools.process import ServiceProcess
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.gateway.conftest import health, metric, start_gateway, start_model, start_tokenizer
 
 STORY = [common_pb2.Message(role="user", content="Write a very long story about a dragon who learns to cook.")]
@@ -52,13 +53,14 @@ def wait_for(predicate, timeout: float, what: str) -> float:  # noqa: ANN001
 class Trio:
     """Tokenizer, model (small limits) and gateway, each restartable on its own ports."""
 
-    def __init__(self, *model_args: str) -> None:
+    def __init__(self, *model_args: str, gateway_args: tuple[str, ...] = ()) -> None:
         self.model_args = model_args
         self.tokenizer = start_tokenizer("--log-level", "info")
         self.model = start_model(*model_args, "--log-level", "info")
         self.tokenizer.wait_healthy()
         self.model.wait_healthy(timeout=300)
-        self.gateway = start_gateway(self.tokenizer.address, self.model.address, "--log-level", "info").wait_healthy()
+        self.gateway = start_gateway(self.tokenizer.address, self.model.address, "--log-level", "info",
+                                     *gateway_args).wait_healthy()
 
     def start_again(self, name: str, old: ServiceProcess) -> None:
         if name == "tokenizer":
@@ -77,14 +79,20 @@ class Trio:
 
 
 @pytest.fixture
-def trio():
-    trio = Trio("--max-batch-size", "8", "--max-queue", "8", "--max-seq-len", "1024")
+def trio(request: pytest.FixtureRequest):
+    """The trio; parametrized indirectly, the gateway's extra flags."""
+    trio = Trio("--max-batch-size", "8", "--max-queue", "8", "--max-seq-len", "1024",
+                gateway_args=getattr(request, "param", ()))
     yield trio
     trio.close()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "label"), [("model", "model service"), ("tokenizer", "tokenizer service")])
+@pytest.mark.parametrize(("trio", "name", "label"), [
+    ((), "model", "model service"),
+    # Open streams need the tokenizer only when it decodes their tokens (DecodeStream).
+    (("--detokenize", "tokenizer"), "tokenizer", "tokenizer service"),
+], indirect=["trio"])
 def test_kill_9_mid_stream_ends_open_streams_unavailable_then_serves_again(trio: Trio, name: str, label: str):
     """kill -9 of an upstream while 4 gateway streams are open: each ends UNAVAILABLE naming that
     upstream within 2 s of the kill; the same gateway answers again within 5 s of the restart."""
@@ -136,6 +144,46 @@ def test_kill_9_mid_stream_ends_open_streams_unavailable_then_serves_again(trio:
                 time.sleep(0.05)
     assert sent - back < 5.0
     assert trio.gateway.process.poll() is None
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_tokenizer_leaves_open_streams_whole(trio: Trio):
+    """With generated tokens decoded in the gateway (the default), kill -9 of the tokenizer while 4
+    streams are open does not touch them: each runs to its length with the text of its tokens (the
+    restarted tokenizer's Decode says so). A new request meanwhile is UNAVAILABLE naming the tokenizer
+    (its prompt needs it)."""
+    address = trio.gateway.address
+    old = trio.tokenizer
+    tokens = 120
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            calls = [stub.GenerateStream(long_request(max_new_tokens=tokens, seed=i), timeout=120) for i in range(4)]
+            firsts = [await call.read() for call in calls]  # every stream is under way
+            os.kill(old.process.pid, signal.SIGKILL)
+            old.process.wait()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(gateway_pb2.GenerateRequest(messages=STORY), timeout=30)
+            streams = []
+            for first, call in zip(firsts, calls, strict=True):
+                responses = [first]
+                while (response := await call.read()) != grpc.aio.EOF:
+                    responses.append(response)
+                streams.append(responses)
+            return streams, refused.value
+
+    streams, refused = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer service" in refused.details(), refused
+    trio.start_again("tokenizer", old)
+    with grpc.insecure_channel(trio.tokenizer.address) as channel:
+        decode = tokenizer_pb2_grpc.TokenizerServiceStub(channel).Decode
+        for responses in streams:
+            last = responses[-1]
+            assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH and last.usage.generated_tokens == tokens
+            ids = [i for r in responses for i in r.token_ids]
+            text = decode(tokenizer_pb2.DecodeRequest(token_ids=ids, skip_special_tokens=True), timeout=30).text
+            assert "".join(r.text for r in responses) == text
 
 
 @pytest.mark.slow

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 import uuid
 
+import grpc
 import pytest
 
 from llama_grpc_stubs.common.v1 import common_pb2
-from llama_grpc_stubs.gateway.v1 import gateway_pb2
+from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2
 
-from .conftest import GREEDY, PARIS, Stack, joined, uncached
+from .conftest import GREEDY, PARIS, Stack, joined, start_gateway, uncached
 
 PARIS_ANSWER = "The capital of France is Paris."
 STOP_SEQUENCE = common_pb2.FINISH_REASON_STOP_SEQUENCE
@@ -87,6 +88,45 @@ def test_deltas_are_whole_utf8_with_spaces(stack: Stack):
     # The second call finds more of the same prompt in the prefix cache; everything else is equal.
     result.usage.cached_prompt_tokens = unary.usage.cached_prompt_tokens
     assert result == unary
+
+
+def test_decoding_in_the_gateway_streams_what_the_tokenizers_decode_stream_does(stack: Stack):
+    """The default gateway decodes generated ids itself (the vocabulary's bytes, fetched once); a gateway
+    with ``--detokenize tokenizer`` sends them through the tokenizer's DecodeStream. Same upstreams, same
+    greedy requests (split characters, a stop sequence inside a token, top-logprob texts, echo): the same
+    stream, response by response."""
+    remote = start_gateway(stack.tokenizer.address, stack.model.address, "--detokenize", "tokenizer").wait_healthy()
+    requests = [
+        gateway_pb2.GenerateRequest(
+            messages=[common_pb2.Message(role="system", content="Always answer with emojis"),
+                      common_pb2.Message(role="user", content="How to go from Beijing to NY? Réponds en français.")],
+            sampling=GREEDY, stopping=common_pb2.StoppingCriteria(max_new_tokens=40)),
+        paris(stop_sequences=["apit", "Berlin"]),
+        gateway_pb2.GenerateRequest(prompt="Caf\u00e9, na\u00efve, \u6f22\u5b57:", sampling=GREEDY,
+                                    stopping=common_pb2.StoppingCriteria(max_new_tokens=12),
+                                    output=common_pb2.OutputOptions(echo=True, logprobs=True, top_logprobs=3)),
+    ]
+    try:
+        with grpc.insecure_channel(remote.address) as channel:
+            remote_stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for request in requests:
+                stream_request = gateway_pb2.GenerateStreamRequest.FromString(request.SerializeToString())
+                request_id = f"remote-decode-{uuid.uuid4().hex[:12]}"
+                theirs = list(remote_stub.GenerateStream(stream_request, timeout=120,
+                                                         metadata=(("x-request-id", request_id),)))
+                ours = stack.stream(request)
+                assert [uncached(r) for r in ours] == [uncached(r) for r in theirs]
+                result = joined(ours)
+                if not result.stop_sequence:
+                    assert result.text == stack.decode(list(result.token_ids))
+                deadline = time.monotonic() + 10
+                while not any(e.get("request_id") == request_id and e.get("method") == "DecodeStream"
+                              for e in stack.tokenizer.log_events()):
+                    assert time.monotonic() < deadline, "the remote gateway never opened a DecodeStream"
+                    time.sleep(0.1)
+        assert any(ord(ch) > 127 for ch in joined(stack.stream(requests[0])).text)
+    finally:
+        remote.stop()
 
 
 # ---- stop sequences (the greedy answer is "The| capital| of| France| is| Paris|.") --------------
@@ -207,5 +247,7 @@ def test_request_id_reaches_all_three_services(stack: Stack):
     assert all(seen.values()), {name: len(events) for name, events in seen.items()}
     # The gateway's own lines about the request: the completion summary among them.
     assert any(e["event"] == "completion finished" for e in seen["gateway"])
-    # Both upstream methods the completion used logged it.
-    assert {e.get("method") for e in seen["tokenizer"]} >= {"ApplyChatTemplate", "DecodeStream"}
+    # The tokenizer method the completion used logged it; generated tokens were decoded in the gateway
+    # (--detokenize local, the default), so no DecodeStream was opened for them.
+    methods = {e.get("method") for e in seen["tokenizer"]}
+    assert "ApplyChatTemplate" in methods and "DecodeStream" not in methods, methods

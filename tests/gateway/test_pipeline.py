@@ -1,8 +1,8 @@
 """The gateway's completion pipeline in-process: prepare -> call upstreams -> shape responses.
 
 The tokenizer upstream is the real tokenizer core (the embedded SmolLM2 vocabulary) behind the
-``TokenizerUpstream`` interface; the model upstream replays a fixed list of generated ids in chunks
-of a chosen size. The truth each test checks against is independent of the pipeline: the
+``TokenizerUpstream`` interface, with the gateway's own decoder of generated ids (``LocalDecoder``);
+the model upstream replays a fixed list of generated ids in chunks of a chosen size. The truth each test checks against is independent of the pipeline: the
 tokenizer's own one-shot ``decode`` and ``str.find`` on the whole generated text. The same
 behaviour end to end over gRPC is in test_generate.py.
 """
@@ -20,24 +20,22 @@ from gateway.interfaces import FINISH_STOP_SEQUENCE, Candidate, Deadline, ModelC
 from gateway.request import ChatMessage, CompletionRequest, Limits, Output, Sampling, Stopping
 from gateway.shaping import Chunk
 from gateway.state import UpstreamState, agreed_state
+from gateway.upstream import LocalDecoder
 from llama_grpc_runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from model_files.detokenize import TokenTable
 from tokenizer_service.loader import load_tokenizer
 from tokenizer_service.tokenizer import Tokenizer
 
 ANSWER = "The capital of France is Paris. Paris is on the Seine; it has 2.1 million people. Caf\u00e9 \U0001F600 au lait."
 
 
-class LocalDecoder:
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        # The service takes its options from the first message, where the gateway skips special tokens.
-        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+class RecordingDecoder(LocalDecoder):
+    """The gateway's own decoder (generated ids -> text from the vocabulary's bytes, as ``--detokenize
+    local`` runs it), noting whether the pipeline cancelled it."""
+
+    def __init__(self, table: TokenTable) -> None:
+        super().__init__(table)
         self.cancelled = False
-
-    async def texts(self, token_ids: Sequence[int]) -> list[str]:
-        return [self.decoder.push([token_id]) for token_id in token_ids]
-
-    async def finish(self) -> str:
-        return self.decoder.flush()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -51,7 +49,9 @@ class LocalTokenizer:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.calls: list[str] = []
-        self.decoders: list[LocalDecoder] = []
+        self.decoders: list[RecordingDecoder] = []
+        # What the gateway builds from GetVocabulary: every id's bytes.
+        self.table = TokenTable(tokenizer.token_bytes(), tokenizer.special_tokens.values())
 
     async def encode(self, text: str, add_bos: bool, deadline: Deadline) -> list[int]:
         self.calls.append("encode")
@@ -68,8 +68,8 @@ class LocalTokenizer:
     async def token_texts(self, token_ids: Sequence[int], deadline: Deadline) -> dict[int, str]:
         return {token_id: self.tokenizer.decode([token_id]) for token_id in token_ids}
 
-    def decode_stream(self, deadline: Deadline) -> LocalDecoder:
-        self.decoders.append(LocalDecoder(self.tokenizer))
+    def decode_stream(self, deadline: Deadline) -> RecordingDecoder:
+        self.decoders.append(RecordingDecoder(self.table))
         return self.decoders[-1]
 
     async def info(self) -> TokenizerInfo:

@@ -13,6 +13,7 @@ from llama_grpc_devtools.process import ServiceProcess, free_port
 from llama_grpc_runtime.assets import llama3_tokenizer_path
 from llama_grpc_stubs.common.v1 import common_pb2
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llama_grpc_stubs.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .conftest import GREEDY, PARIS, Stack, health, metric, start_gateway, start_model, start_tokenizer
 
@@ -130,5 +131,78 @@ def test_a_call_lost_in_grpcs_own_transport_is_unavailable_naming_the_upstream()
             assert client.unavailable(own) is own
         finally:
             await client.close()
+
+    asyncio.run(check())
+
+
+class VocabularyFake(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    """A tokenizer service of 5 tokens ("a", "b", "\\xc3", "\\xa9", "<|end|>") that sends its vocabulary as
+    ``chunks`` say: [(first_token_id, count), ...]."""
+
+    TOKENS = [b"a", b"b", b"\xc3", b"\xa9", b"<|end|>"]
+
+    def __init__(self, chunks: list[tuple[int, int]] | None) -> None:
+        self.chunks = chunks
+        self.vocabulary_calls = 0
+
+    async def GetTokenizerInfo(self, request, context):  # noqa: ANN001, ANN201
+        return tokenizer_pb2.GetTokenizerInfoResponse(vocab_size=5, eos_token_id=4, stop_token_ids=[4],
+                                                      special_tokens={"<|end|>": 4}, name="fake")
+
+    async def GetVocabulary(self, request, context):  # noqa: ANN001, ANN201
+        self.vocabulary_calls += 1
+        for first, count in self.chunks or ():
+            yield tokenizer_pb2.GetVocabularyResponse(first_token_id=first, token_bytes=self.TOKENS[first:first + count])
+
+
+@pytest.mark.parametrize(("chunks", "detokenize", "outcome"), [
+    ([(0, 2), (2, 3)], "local", "local"),
+    (None, "local", "fallback"),  # no GetVocabulary: DecodeStream, as before
+    ([(0, 2), (2, 3)], "tokenizer", "fallback"),  # asked not to: the vocabulary is not even fetched
+    ([(0, 2), (3, 2)], "local", "out of order"),
+    ([(0, 2), (2, 2)], "local", "sent 4 tokens' bytes for a vocabulary of 5"),
+])
+def test_the_gateway_decodes_from_the_tokenizers_vocabulary_or_falls_back(chunks, detokenize, outcome):  # noqa: ANN001
+    from gateway.interfaces import Deadline
+    from gateway.upstream import DecodeStream, LocalDecoder, TokenizerClient
+    from llama_grpc_runtime.errors import Unavailable
+
+    async def check() -> None:
+        fake = VocabularyFake(chunks)
+        server = grpc.aio.server()
+        if chunks is None:  # an older tokenizer service: GetTokenizerInfo but no GetVocabulary
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "llama.tokenizer.v1.TokenizerService", {"GetTokenizerInfo": grpc.unary_unary_rpc_method_handler(
+                    fake.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest.FromString,
+                    tokenizer_pb2.GetTokenizerInfoResponse.SerializeToString)}),))
+        else:
+            tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = TokenizerClient(f"127.0.0.1:{port}", detokenize=detokenize)
+        try:
+            if outcome not in ("local", "fallback"):
+                with pytest.raises(Unavailable, match=outcome):
+                    await client.info()
+                return
+            info = await client.info()
+            assert info.vocab_size == 5
+            decoder = client.decode_stream(Deadline(10))
+            if outcome == "fallback":
+                assert client.table is None and isinstance(decoder, DecodeStream)
+                decoder.cancel()
+                assert fake.vocabulary_calls == 0
+                return
+            assert isinstance(decoder, LocalDecoder) and fake.vocabulary_calls == 1
+            # "é" is two tokens: held back, then whole; the end token is skipped, as DecodeStream skips it.
+            assert await decoder.texts([0, 2, 3, 4, 1]) == ["a", "", "\u00e9", "", "b"]
+            assert await decoder.finish() == ""
+            assert await client.decode([0, 4, 2], Deadline(10)) == "a<|end|>\ufffd"
+            assert await client.token_texts([3, 4], Deadline(10)) == {3: "\ufffd", 4: "<|end|>"}
+            await client.info()  # the same reply again: the vocabulary is not fetched again
+            assert fake.vocabulary_calls == 1
+        finally:
+            await client.close()
+            await server.stop(None)
 
     asyncio.run(check())

@@ -99,3 +99,15 @@ class GetTokenizerInfoResponse(_message.Message):
     name: str
     add_bos_token: bool
     def __init__(self, vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., chat_format: _Optional[str] = ..., name: _Optional[str] = ..., add_bos_token: _Optional[bool] = ...) -> None: ...
+
+class GetVocabularyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetVocabularyResponse(_message.Message):
+    __slots__ = ("first_token_id", "token_bytes")
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    first_token_id: int
+    token_bytes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, first_token_id: _Optional[int] = ..., token_bytes: _Optional[_Iterable[bytes]] = ...) -> None: ...

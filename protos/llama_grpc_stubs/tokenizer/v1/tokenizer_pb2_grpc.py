@@ -59,6 +59,11 @@ class TokenizerServiceStub:
                 request_serializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
                 response_deserializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetVocabulary = channel.unary_stream(
+                '/llama.tokenizer.v1.TokenizerService/GetVocabulary',
+                request_serializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.SerializeToString,
+                response_deserializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServiceServicer:
@@ -100,6 +105,15 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVocabulary(self, request, context):
+        """Every token's bytes in id order, in chunks, for a caller that decodes ids itself (the gateway
+        decodes generated tokens with it): Decode of ids is their bytes joined, read as UTF-8 (bad or
+        unfinished sequences as U+FFFD), special tokens skipped when asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.GetTokenizerInfo,
                     request_deserializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoRequest.FromString,
                     response_serializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoResponse.SerializeToString,
+            ),
+            'GetVocabulary': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetVocabulary,
+                    request_deserializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.FromString,
+                    response_serializer=llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class TokenizerService:
             '/llama.tokenizer.v1.TokenizerService/GetTokenizerInfo',
             llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
             llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetTokenizerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVocabulary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llama.tokenizer.v1.TokenizerService/GetVocabulary',
+            llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyRequest.SerializeToString,
+            llama_dot_tokenizer_dot_v1_dot_tokenizer__pb2.GetVocabularyResponse.FromString,
             options,
             channel_credentials,
             insecure,
