@@ -254,12 +254,12 @@ class TokenizerClient(Upstream):
         reply = await self._call(self.stub.GetTokenizerInfo, tokenizer_pb2.GetTokenizerInfoRequest(), Deadline(5.0))
         message = reply.SerializeToString(deterministic=True)
         if message != self._info:  # a restarted tokenizer, maybe with another vocabulary
-            self._info, self._token_text, self.table = message, {}, None
+            self._token_text, self.table = {}, None
             if self.detokenize == "local":
                 self.table = await self._vocabulary(reply)
+            self._info = message  # only now: a vocabulary that failed to arrive is asked for again next time
         return TokenizerInfo(name=reply.name, vocab_size=reply.vocab_size, stop_token_ids=tuple(reply.stop_token_ids),
                              add_bos_token=reply.add_bos_token, message=message)
-
 
     async def _vocabulary(self, info: tokenizer_pb2.GetTokenizerInfoResponse) -> TokenTable | None:
         """Every id's bytes (GetVocabulary); None from a tokenizer service without that call."""
@@ -281,7 +281,11 @@ class TokenizerClient(Upstream):
         if len(token_bytes) != info.vocab_size:
             raise Unavailable(f"{self.name} at {self.address} sent {len(token_bytes)} tokens' bytes for a "
                               f"vocabulary of {info.vocab_size}")
-        table = TokenTable(token_bytes, info.special_tokens.values())
+        try:
+            table = TokenTable(token_bytes, info.special_tokens.values())
+        except ValueError as error:
+            raise Unavailable(f"{self.name} at {self.address} sent a vocabulary that does not fit its info: "
+                              f"{error}") from None
         log.info("vocabulary received: generated tokens are decoded in the gateway", tokens=table.vocab_size,
                  bytes=sum(map(len, token_bytes)))
         return table

@@ -141,8 +141,9 @@ class VocabularyFake(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     TOKENS = [b"a", b"b", b"\xc3", b"\xa9", b"<|end|>"]
 
-    def __init__(self, chunks: list[tuple[int, int]] | None) -> None:
+    def __init__(self, chunks: list[tuple[int, int]] | None, failures: int = 0) -> None:
         self.chunks = chunks
+        self.failures = failures  # the first calls end UNAVAILABLE half-way (the tokenizer went away)
         self.vocabulary_calls = 0
 
     async def GetTokenizerInfo(self, request, context):  # noqa: ANN001, ANN201
@@ -152,6 +153,8 @@ class VocabularyFake(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def GetVocabulary(self, request, context):  # noqa: ANN001, ANN201
         self.vocabulary_calls += 1
         for first, count in self.chunks or ():
+            if self.vocabulary_calls <= self.failures and first > 0:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
             yield tokenizer_pb2.GetVocabularyResponse(first_token_id=first, token_bytes=self.TOKENS[first:first + count])
 
 
@@ -201,6 +204,33 @@ def test_the_gateway_decodes_from_the_tokenizers_vocabulary_or_falls_back(chunks
             assert await client.token_texts([3, 4], Deadline(10)) == {3: "\ufffd", 4: "<|end|>"}
             await client.info()  # the same reply again: the vocabulary is not fetched again
             assert fake.vocabulary_calls == 1
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(check())
+
+
+def test_a_vocabulary_cut_short_is_asked_for_again():
+    """GetVocabulary ending UNAVAILABLE half-way fails that agreement check (UNAVAILABLE naming the tokenizer);
+    the next one asks again, although GetTokenizerInfo says the same, and decodes locally from then on."""
+    from gateway.interfaces import Deadline
+    from gateway.upstream import LocalDecoder, TokenizerClient
+    from llama_grpc_runtime.errors import Unavailable
+
+    async def check() -> None:
+        fake = VocabularyFake([(0, 2), (2, 3)], failures=1)
+        server = grpc.aio.server()
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = TokenizerClient(f"127.0.0.1:{port}")
+        try:
+            with pytest.raises(Unavailable, match="tokenizer service unavailable"):
+                await client.info()
+            assert client.table is None
+            await client.info()
+            assert fake.vocabulary_calls == 2 and isinstance(client.decode_stream(Deadline(10)), LocalDecoder)
         finally:
             await client.close()
             await server.stop(None)
