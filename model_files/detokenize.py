@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable, Collection, Sequence
+from collections.abc import Set as AbstractSet
 
 from llama_grpc_runtime.errors import InvalidArgument
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int, holes: Collection[int], field: str = "token_ids") -> None:
+def check_token_ids(ids: Sequence[int], vocab_size: int, holes: AbstractSet[int], field: str = "token_ids") -> None:
     """INVALID_ARGUMENT naming the first id that is outside the vocabulary or that no token has."""
     if not ids:
         return
-    if min(ids) < 0 or max(ids) >= vocab_size or (holes and not holes.isdisjoint(ids)):  # type: ignore[attr-defined]
+    if min(ids) < 0 or max(ids) >= vocab_size or (holes and not holes.isdisjoint(ids)):
         for index, token_id in enumerate(ids):
             if not 0 <= token_id < vocab_size or token_id in holes:
                 raise InvalidArgument(f"{field}[{index}]", f"token id {token_id} is not in the vocabulary "

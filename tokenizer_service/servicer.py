@@ -40,6 +40,20 @@ class TokenMetrics:
     decoded: Counter
 
 
+def vocabulary_chunks(token_bytes: list[bytes]) -> list[tokenizer_pb2.GetVocabularyResponse]:
+    """GetVocabulary's replies: every id's bytes in id order, at most ``VOCABULARY_CHUNK_BYTES`` a reply
+    (a token longer than that alone in a reply of its own). Built once, when the tokenizer loads."""
+    chunks, first = [], 0
+    while first < len(token_bytes):
+        end, size = first + 1, len(token_bytes[first])
+        while end < len(token_bytes) and size + len(token_bytes[end]) <= VOCABULARY_CHUNK_BYTES:
+            size += len(token_bytes[end])
+            end += 1
+        chunks.append(tokenizer_pb2.GetVocabularyResponse(first_token_id=first, token_bytes=token_bytes[first:end]))
+        first = end
+    return chunks
+
+
 @cache
 def token_metrics() -> TokenMetrics:
     return TokenMetrics(
@@ -52,7 +66,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     def __init__(self, max_input_chars: int, threads: int, max_decode_ids: int = 1_000_000,
                  max_chat_messages: int = 4096, template_workers: int = 2, template_timeout: float = 10.0) -> None:
         self.tokenizer: ChatTokenizer | None = None  # set by load(); until then calls get UNAVAILABLE
-        self.token_bytes: list[bytes] = []  # every id's bytes (GetVocabulary), set by load()
+        self.vocabulary: list[tokenizer_pb2.GetVocabularyResponse] = []  # GetVocabulary's replies, built by load()
         self.max_input_chars = max_input_chars
         self.max_decode_ids = max_decode_ids
         self.max_chat_messages = max_chat_messages
@@ -81,7 +95,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             workers = TemplateWorkers(tokenizer.chat.spec, self.template_processes, self.template_timeout)
             await loop.run_in_executor(self.pool, workers.start)
             self.template_workers = workers
-        self.token_bytes = await loop.run_in_executor(self.pool, tokenizer.token_bytes)
+        self.vocabulary = await loop.run_in_executor(self.pool, lambda: vocabulary_chunks(tokenizer.token_bytes()))
         self.tokenizer = tokenizer
         return tokenizer
 
@@ -207,12 +221,5 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def GetVocabulary(self, request: tokenizer_pb2.GetVocabularyRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.GetVocabularyResponse]:
         self._ready()
-        table = self.token_bytes
-        first = 0
-        while first < len(table):
-            end, size = first, 0
-            while end < len(table) and (end == first or size + len(table[end]) <= VOCABULARY_CHUNK_BYTES):
-                size += len(table[end])
-                end += 1
-            yield tokenizer_pb2.GetVocabularyResponse(first_token_id=first, token_bytes=table[first:end])
-            first = end
+        for chunk in self.vocabulary:
+            yield chunk
