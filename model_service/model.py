@@ -7,7 +7,8 @@ Differences from the reference, all for continuous batching:
 - a forward pass takes a ``Batch``: tokens of several sequences concatenated, each sequence with its
   own block table and start position, so a prompt chunk of one sequence can run beside single
   decode tokens of others. Attention is SDPA over a sequence's blocks: a view of the cache when they
-  are consecutive, else gathered into one buffer that every layer of the step reuses.
+  are consecutive, else gathered into one buffer that every layer of the step reuses; compiled, decode
+  steps of several sequences attend over their block tables inside the graph (``attend_tables``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class _Plan:
     gather_blocks: int  # the most blocks one gather of this step reads
     # Multi-token (prompt) chunks, one SDPA call each: (first token, length, blocks, end, mask).
     chunks: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]]
+    decode_lengths: torch.Tensor | None = None  # [n_decode] positions each decode sequence attends to
 
 
 def _blocks_index(table: list[int], device: torch.device) -> torch.Tensor | slice:
@@ -213,6 +215,7 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
             group = plan.decode_blocks if plan.decode_blocks.dim() == 1 else plan.decode_blocks[:DECODE_GATHER_GROUP]
             plan.gather_blocks = max(plan.gather_blocks, group.numel())
         if len(decode_pos) > 1:  # one sequence attends to all decode_len keys: no mask
+            plan.decode_lengths = tensor([pos + 1 for pos in decode_pos])
             keys = torch.arange(plan.decode_len, device=device)
             plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
     return plan
@@ -298,6 +301,32 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
                                                      attn_mask=None if plan.decode_mask is None else plan.decode_mask[group]))
     attn = groups[0] if len(groups) == 1 else torch.cat(groups)
     return attn.reshape(n_decode, heads, head_dim)
+
+
+# Decode steps of 2+ sequences, every one at or below this context, attend inside the compiled graph
+# (``attend_tables``) instead of through the op. SmolLM2, 2 CPU threads, 16 sequences (one process,
+# interleaved): context ~100 -15% a step, ~260 -4%, ~530 +6% (the op's flash attention over gathered
+# blocks wins on long contexts).
+TABLES_MAX_CONTEXT = 384
+
+
+def attend_tables(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, tables: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+    """Decode attention of n sequences, one token each (``xq``: [n, heads, head_dim]), over the blocks
+    their ``tables`` list ([n, width], padded with any block), the first ``lengths`` [n] positions each
+    -> [n, heads * head_dim]. Written as reductions for a compiled graph: the compiler fuses the block
+    lookups into them, so nothing is gathered and no op is called per layer. Scores and weights in
+    float32 whatever the cache holds, as SDPA keeps them."""
+    n, heads, head_dim = xq.shape
+    block_size, kv_heads = cache_k.shape[1], cache_k.shape[2]
+    span = tables.shape[1] * block_size
+    q = xq.view(n, kv_heads, heads // kv_heads, 1, head_dim).float()  # GQA: a KV head's query heads together
+    keys = cache_k[tables].view(n, span, kv_heads, head_dim).permute(0, 2, 1, 3)[:, :, None]  # [n, kvh, 1, T, d]
+    values = cache_v[tables].view(n, span, kv_heads, head_dim).permute(0, 2, 1, 3)[:, :, None]
+    scores = (q * keys.float()).sum(-1) * head_dim ** -0.5  # [n, kv_heads, group, T]
+    past = torch.arange(span, device=xq.device) >= lengths[:, None, None, None]
+    weights = scores.masked_fill(past, float("-inf")).softmax(-1)
+    return (weights[..., None] * values.float()).sum(-2).to(xq.dtype).reshape(n, heads * head_dim)
 
 
 # The plan of the forward pass running on each thread, for the attention op below (a compiled graph's
@@ -446,8 +475,9 @@ class Transformer(nn.Module):
         the paged cache as one opaque op (``paged_attention``) reading the step's plan. The token count
         is dynamic, so one graph serves every step of two or more tokens (prompt chunks, batched decode,
         mixed) and one any other single-token step; batch-1 decode over consecutive blocks has its own
-        (``_layers``' view). ``warm_up_compiled`` compiles all three. Returns what runs compiled
-        (``GetModelInfo.compile``).
+        (``_layers``' view), and so do decode steps of several sequences on short contexts (attention
+        over their block tables in the graph). ``warm_up_compiled`` compiles all four. Returns what runs
+        compiled (``GetModelInfo.compile``).
 
         Why the whole stack: at batch 1 a step's ~80 small eager operations a layer cost about as much as
         its matmuls (SmolLM2, 2 CPU threads, context 32: 8.3 -> 6.3 ms a token compiled); compiling each
@@ -463,14 +493,16 @@ class Transformer(nn.Module):
                         setattr(module, name, FusedLinear(child.weight))
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True)
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
-                         "over a view of it), dynamic token count")
+                         "over a view of it, batched decode on short contexts over block tables), dynamic token "
+                         "count")
         return self.compiled
 
     @torch.inference_mode()
     def warm_up_compiled(self) -> None:
         """Compile every graph a step can need, before serving: a prompt (several tokens), one sequence
         decoding over consecutive blocks (the view graph) and over blocks out of order (one token through
-        the op). They write the first blocks of the pool, which hold nothing yet."""
+        the op), two sequences decoding (the tables graph). They write the first blocks of the pool,
+        which hold nothing yet."""
         if self._compiled_layers is None or self.rope is None:
             return
         prompt, size = 8, self.block_size
@@ -481,19 +513,24 @@ class Transformer(nn.Module):
         self(Batch(tokens, [in_order], [0], [prompt]))
         self(Batch(tokens[:1], [in_order], [prompt], [1]))
         self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
+        self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
 
     def _layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor,
-                view: tuple[int, int] | None = None) -> torch.Tensor:
+                view: tuple[int, int] | None = None, tables: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer of a step: what compiles. Attention goes through the op (the plan set by ``forward``),
-        or, for batch-1 decode over consecutive blocks, over a ``view`` of the cache inside the graph:
-        ``(first_row + 2, length)``, ~0.45 ms a SmolLM2 token (7%) less than the op. Both ints arrive 2
+        or inside the graph: for batch-1 decode over consecutive blocks over a ``view`` of the cache,
+        ``(first_row + 2, length)``, ~0.45 ms a SmolLM2 token (7%) less than the op (both ints arrive 2
         higher than they could be at least, so neither is ever 0 or 1, values the compiler would
-        specialise a graph on."""
+        specialise a graph on); for decode steps of several sequences over their block ``tables`` and
+        ``lengths`` (``attend_tables``)."""
         for layer in self.layers:
             xq, xk, xv = layer.attention_input(h, rope)
             cache = layer.attention.cache
             write_cache(xk, xv, cache.k, cache.v, cache_rows)
-            if view is None:
+            if tables is not None:
+                attn = attend_tables(xq, cache.k, cache.v, tables, lengths)
+            elif view is None:
                 attn = paged_attention(xq, cache.k, cache.v)
             else:
                 kv_heads, head_dim = cache.k.shape[2:]
@@ -506,10 +543,20 @@ class Transformer(nn.Module):
 
     def _run_compiled(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """The compiled layers on ``h``: batch-1 decode over consecutive blocks through the view graph,
-        any other step through the op graphs, with ``plan`` where the attention op reads it."""
+        decode steps of several sequences up to TABLES_MAX_CONTEXT through the tables graph, any other
+        step through the op graphs, with ``plan`` where the attention op reads it."""
         if isinstance(plan.decode_blocks, slice) and plan.decode_only and plan.decode_len >= 2:
             first_row = plan.decode_blocks.start * self.block_size
             return self._compiled_layers(h, rope, plan.cache_rows, (first_row + 2, plan.decode_len))
+        if plan.decode_only and plan.decode_lengths is not None and plan.decode_len <= TABLES_MAX_CONTEXT:
+            tables = plan.decode_blocks
+            assert isinstance(tables, torch.Tensor)
+            if tables.shape[1] == 1:  # a width of 1 would be a graph of its own: one more (masked) block
+                tables = F.pad(tables, (0, 1))
+            for x in (h, rope, plan.cache_rows, tables, plan.decode_lengths):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+            return self._compiled_layers(h, rope, plan.cache_rows, None, tables, plan.decode_lengths)
         if h.shape[0] > 1:  # one graph for every count of two or more tokens, not a static one for the first
             for x in (h, rope, plan.cache_rows):
                 torch._dynamo.maybe_mark_dynamic(x, 0)

@@ -11,7 +11,8 @@ import torch
 
 from model_service.args import ModelArgs
 from model_service.build import build
-from model_service.model import DECODE_GATHER_GROUP, Batch, Transformer, precompute_rope
+from model_service.model import (DECODE_GATHER_GROUP, Batch, Transformer, _make_plan, attend, attend_tables,
+                                 precompute_rope)
 
 VOCAB = 512
 TOL = 1e-5
@@ -123,6 +124,35 @@ def test_more_decode_sequences_than_a_gather_group_equal_full_recompute(model):
         seqs = [torch.cat([s, t]) for s, t in zip(seqs, new, strict=True)]
         for i, seq in enumerate(seqs):
             assert (out[i] - full(model, seq)[-1]).abs().max().item() <= TOL, f"step {step}, sequence {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_block_tables_equals_the_ops(dtype):
+    # attend_tables (decode attention a compiled graph runs inside it) against attend (the op's), on a
+    # cache full of other sequences' values: GQA, blocks in no order, one block shared, tables of
+    # different widths padded with block 0, lengths ending inside a block and on its last position.
+    gen = torch.Generator().manual_seed(3)
+    num_blocks, block_size, kv_heads, heads, head_dim = 12, 4, 2, 6, 8
+    cache_k, cache_v = (torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+                        for _ in range(2))
+    tables = [[7, 2, 9], [4], [2, 11, 0, 5], [1, 6]]
+    positions = [9, 3, 15, 4]  # each sequence's new token; it attends to positions [0, position]
+    batch = Batch(torch.zeros(4, dtype=torch.long), tables, positions, [1] * 4)
+    plan = _make_plan(batch, block_size, num_blocks, max_seq_len=64, device=torch.device("cpu"))
+    plan.workspace = torch.empty(2 * plan.gather_blocks * block_size * kv_heads * head_dim, dtype=dtype)
+    xq = torch.randn(4, heads, head_dim, generator=gen).to(dtype)
+    expected = attend(xq, cache_k, cache_v, plan)
+    got = attend_tables(xq, cache_k, cache_v, plan.decode_blocks, plan.decode_lengths)
+    tol = 1e-2 if dtype == torch.bfloat16 else TOL  # bfloat16: both round their float32 sums to 8 bits
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    # and by hand, for the first sequence: softmax(q k^T / sqrt(d)) v over its 10 positions
+    keys = cache_k[tables[0]].reshape(-1, kv_heads, head_dim)[:10].float()
+    values = cache_v[tables[0]].reshape(-1, kv_heads, head_dim)[:10].float()
+    for head in range(heads):
+        kv = head // (heads // kv_heads)
+        weights = torch.softmax(keys[:, kv] @ xq[0, head].float() / head_dim ** 0.5, 0)
+        torch.testing.assert_close(got[0].view(heads, head_dim)[head].float(), weights @ values[:, kv],
+                                   **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
 
 
 def test_a_sequence_moved_by_block_copies_decodes_as_before(model):

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+import model_service.model as model_module
 from model_service.build import build
 from model_service.model import Batch
 from model_service.server import ModelServiceConfig, parse_args
@@ -96,10 +97,14 @@ def test_compile_flag_default_and_its_environment_twin(monkeypatch):
 
 
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize):
+@pytest.mark.parametrize("tables_max_context", [model_module.TABLES_MAX_CONTEXT, 0], ids=["in-graph", "op"])
+def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize, tables_max_context, monkeypatch):
     # The same steps on an eager and a compiled model: prompts in blocks in no order (one block shared),
     # a prompt chunk over cached blocks beside decoding sequences, six sequences decoding (two gather
-    # groups), one sequence decoding alone over blocks in order and out of order, a one-token prompt.
+    # groups; attention inside the graph over their block tables, or, past TABLES_MAX_CONTEXT, through
+    # the op), two decoding within their first block (tables one block wide), one sequence decoding
+    # alone over blocks in order and out of order, a one-token prompt.
+    monkeypatch.setattr(model_module, "TABLES_MAX_CONTEXT", tables_max_context)
     models = {compile: build(tiny_checkpoints["hf"], max_batch_size=6, max_seq_len=64, quantize=quantize,
                              compile=compile).model
               for compile in (False, True)}
@@ -123,10 +128,15 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize):
     for _ in range(2):
         steps.append(Batch(torch.randint(0, 512, (6,), generator=gen), tables, list(positions), [1] * 6))
         positions = [p + 1 for p in positions]
+    steps.append(Batch(torch.randint(0, 512, (2,), generator=gen), [[free[-1]], [free[-2]]], [0, 3], [1, 1]))
     steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [tables[3]], [positions[3]], [1]))  # out of order
     steps.append(Batch(torch.randint(0, 512, (1,), generator=gen), [[0, 1]], [0], [1]))  # a one-token prompt
+    # Attention in the graph sums in another order than the op (test_model.py holds it to 1e-5 of a full
+    # recompute); packed weights then get its output rounded to bfloat16 (--packed-activations), where a
+    # last-bit difference may become one bfloat16 step (2^-7 relative) before the next layer.
+    tol = 2e-2 if quantize == "int4" and tables_max_context else 1e-4
     for i, batch in enumerate(steps):
         with torch.compiler.set_stance("fail_on_recompile"):  # build() compiled every graph a step needs
             compiled = models[True](batch, all_logits=True)
         eager = models[False](batch, all_logits=True)
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"step {i}: {m}")
+        torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol, msg=lambda m, i=i: f"step {i}: {m}")
