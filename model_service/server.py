@@ -126,8 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "Meta / Hugging Face checkpoints as they are)")
     parser.add_flag("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="run the model's layers as one torch.compile'd graph (default: on for a CPU model on one "
-                         "rank where a C++ compiler is found). Compiled at start-up: ~1 min on 2 CPU cores the first "
-                         "time, cached under $LLAMA_GRPC_CACHE/inductor so a restart takes ~15 s. SmolLM2 on 2 "
+                         "rank where a C++ compiler is found). Compiled at start-up: ~3 min on 2 CPU cores the first "
+                         "time, cached under $LLAMA_GRPC_CACHE/inductor so a restart takes ~45 s. SmolLM2 on 2 "
                          "cores: decode ~20%% faster at batch 1, ~10%% at 16; ~260 MB more resident memory")
     parser.add_flag("--threads", type=int, default=0,
                     help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: "
@@ -445,7 +445,7 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         log.info("loading model", checkpoint=config.checkpoint or "embedded default", tp=config.tp,
                  device=config.device, dtype=config.dtype, quantize=config.quantize or "default")
         if config.compile:
-            log.info("the model's layers compile after loading (~1 min on 2 CPU cores the first time; later "
+            log.info("the model's layers compile after loading (~3 min on 2 CPU cores the first time; later "
                      "starts load inductor's cache, $LLAMA_GRPC_CACHE/inductor)")
         if config.tp > 1:
             self.runner = TensorParallelRunner(config.tp, options, on_rank_death=self.fatal)
