@@ -11,8 +11,15 @@ import torch
 
 from model_service.args import ModelArgs
 from model_service.build import build
-from model_service.model import (DECODE_GATHER_GROUP, Batch, Transformer, _make_plan, attend, attend_tables,
-                                 precompute_rope)
+from model_service.model import (
+    DECODE_GATHER_GROUP,
+    Batch,
+    Transformer,
+    _make_plan,
+    attend,
+    attend_tables,
+    precompute_rope,
+)
 
 VOCAB = 512
 TOL = 1e-5
