@@ -217,7 +217,7 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
         if len(decode_pos) > 1:  # one sequence attends to all decode_len keys: no mask
             plan.decode_lengths = tensor([pos + 1 for pos in decode_pos])
             keys = torch.arange(plan.decode_len, device=device)
-            plan.decode_mask = (keys[None, :] <= tensor(decode_pos)[:, None])[:, None, None, :]
+            plan.decode_mask = (keys[None, :] < plan.decode_lengths[:, None])[:, None, None, :]
     return plan
 
 
