@@ -324,9 +324,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="llama-grpc's activations (the service default: float32)")
-    parser.add_argument("--packed-activations", default="bfloat16", choices=["bfloat16", "float32"],
+    parser.add_argument("--packed-activations", default="bfloat16", choices=["bfloat16", "float32", "int8"],
                         help="what llama-grpc's int4/int8 kernels multiply (the service default: bfloat16, one call; "
-                             "float32: two bfloat16 halves and the scales' rounding, exact and slower)")
+                             "float32: two bfloat16 halves and the scales' rounding, exact and slower; int8: steps "
+                             "of 5+ rows through fbgemm's int8 kernel)")
     parser.add_argument("--model-threads", type=int, default=0,
                         help="the model service's --threads (0: its default, the cores it may use)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")

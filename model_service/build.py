@@ -34,6 +34,8 @@ from model_service.quant import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    _QuantLinear,
+    attach_int8_rows,
     compute_dtype_for,
     fuse_linears,
     quantize_int4,
@@ -299,6 +301,10 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     """
     started = time.monotonic()
     dtype, device = parse_dtype(dtype), torch.device(device)
+    if packed_activations == "int8" and (device.type != "cpu"
+                                         or torch.backends.quantized.engine not in ("x86", "fbgemm")):
+        raise ValueError("packed_activations 'int8' runs on x86 CPUs only (fbgemm's int8 kernel); the model is on "
+                         f"{device.type}, quantized engine {torch.backends.quantized.engine!r}")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     distributed.ensure_initialized()
@@ -326,6 +332,10 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     del reader  # unmaps the checkpoint (once no weight is a view of it) before fusing copies the packed weights
     gc.collect()
     fuse_projections(model)
+    if packed_activations == "int8" and quantization != "none":
+        for layer in model.modules():
+            if isinstance(layer, _QuantLinear):
+                attach_int8_rows(layer)
     model.eval()
     if kv_block_size < 1:
         raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
@@ -347,7 +357,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
         tp_size=tp, quantization=quantization, compile=compiled, kv_num_blocks=num_blocks,
         kv_block_size=kv_block_size,
         # A float32 model's choice; other dtypes reach the kernels as bfloat16 whatever was asked.
-        packed_activations="" if quantization == "none" else
+        packed_activations="" if quantization == "none" else "int8" if packed_activations == "int8" else
         "float32" if packed_activations == "float32" and dtype == torch.float32 else "bfloat16")
     _release_freed_memory()
     if rank == 0 and time.monotonic() - started > 1.0 and sys.stderr.isatty():

@@ -25,7 +25,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from model_service.args import ModelArgs
-from model_service.quant import FusedLinear
+from model_service.quant import INT8_MIN_ROWS, FusedLinear
 
 
 def _no_init(x: torch.Tensor) -> torch.Tensor:
@@ -501,8 +501,9 @@ class Transformer(nn.Module):
     def warm_up_compiled(self) -> None:
         """Compile every graph a step can need, before serving: a prompt (several tokens), one sequence
         decoding over consecutive blocks (the view graph) and over blocks out of order (one token through
-        the op), two sequences decoding (the tables graph). They write the first blocks of the pool,
-        which hold nothing yet."""
+        the op), two sequences decoding (the tables graph); with int8 rows (``--packed-activations int8``)
+        the prompt and tables graphs again on either side of ``INT8_MIN_ROWS``. They write the first
+        blocks of the pool, which hold nothing yet."""
         if self._compiled_layers is None or self.rope is None:
             return
         prompt, size = 8, self.block_size
@@ -514,6 +515,11 @@ class Transformer(nn.Module):
         self(Batch(tokens[:1], [in_order], [prompt], [1]))
         self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
         self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
+        if any(getattr(module, "int8_rows_key", None) is not None for module in self.modules()):
+            # --packed-activations int8: steps of INT8_MIN_ROWS+ rows take other graphs than smaller ones.
+            self(Batch(tokens[:2], [in_order], [0], [2]))  # a short prompt
+            many = INT8_MIN_ROWS
+            self(Batch(tokens[:many], [in_order] * many, [prompt] * many, [1] * many))  # several decoding
 
     def _layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor,
                 view: tuple[int, int] | None = None, tables: torch.Tensor | None = None,

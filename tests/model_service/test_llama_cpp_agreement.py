@@ -2,7 +2,8 @@
 Q4_1). Both run the file's own 4-bit weights, but llama.cpp multiplies them with activations it
 quantises to 8 bits (Q8_1), and we with activations rounded to bfloat16 (``--packed-activations
 bfloat16``, the default) or split into two bfloat16 halves (``float32``), so a near-tie between two
-candidate tokens can break differently. Two measures, over a fixed set of prompts:
+candidate tokens can break differently; ``int8`` (steps of several rows: 8-bit activations per row,
+weights re-quantised per row) is held to its own, lower bounds. Two measures, over a fixed set of prompts:
 - next-token agreement given the same context (teacher-forced: llama.cpp's tokens as input, our
   top-1 against its next token), the per-token fidelity;
 - the share of generated tokens before the first difference (free-running), which one early
@@ -36,8 +37,12 @@ NEW_TOKENS = 32
 # Measured 2026-12-01 on this machine, 16 prompts x 32 tokens (380 positions), next-token / free-running:
 # bfloat16 activations 0.971 / 0.622, float32 (two halves) 0.968 / 0.790, float32 halves without the
 # scales' rounding 0.974 / 0.648. The bounds leave room for a near-tie or two on another CPU.
-MIN_NEXT_TOKEN = 0.95
-MIN_FREE_RUNNING = {"bfloat16": 0.5, "float32": 0.7}
+# int8 (2026-12-02; the teacher-forced pass is one prompt-sized step, so every position goes through int8
+# rows; free-running, the prompt does and the one-token steps do not): 0.882 / 0.413. What costs most,
+# measured by putting each part back in float (next-token): 8-bit activations per row 0.903, per-row
+# int8 weights 0.937; llama.cpp's own activations are 8-bit per block of 32 (0.950 that way).
+MIN_NEXT_TOKEN = {"bfloat16": 0.95, "float32": 0.95, "int8": 0.85}
+MIN_FREE_RUNNING = {"bfloat16": 0.5, "float32": 0.7, "int8": 0.3}
 
 
 def llama_cpp_greedy(model: Path, prompts: list[str]) -> list[dict]:
@@ -84,10 +89,11 @@ def test_int4_greedy_tokens_agree_with_llama_cpp():
     path = default_model_path()
     prompts = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in QUESTIONS]
     theirs = llama_cpp_greedy(path, prompts)
-    for activations in ("bfloat16", "float32"):
+    for activations in ("bfloat16", "float32", "int8"):
         # the file's own Q4_1 blocks, int4 kernels
         loaded = build(path, max_batch_size=1, max_seq_len=256, packed_activations=activations)
         assert "int4 (Q4_1 as stored) x210" in loaded.info.quantization
+        assert loaded.info.packed_activations == activations
         agreed = total = next_agreed = positions = 0
         for result in theirs:
             ours = ours_greedy(loaded.model, result["prompt_ids"], loaded.info.stop_token_ids)
@@ -97,5 +103,5 @@ def test_int4_greedy_tokens_agree_with_llama_cpp():
             positions += len(result["token_ids"])
         print(f"{activations} activations: next-token agreement with llama.cpp {next_agreed}/{positions} = "
               f"{next_agreed / positions:.3f}; free-running {agreed}/{total} = {agreed / total:.3f}")
-        assert next_agreed / positions >= MIN_NEXT_TOKEN, activations
+        assert next_agreed / positions >= MIN_NEXT_TOKEN[activations], activations
         assert agreed / total >= MIN_FREE_RUNNING[activations], activations

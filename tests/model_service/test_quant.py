@@ -30,11 +30,14 @@ from model_service.build import build
 from model_service.checkpoint import open_checkpoint
 from model_service.model import Batch
 from model_service.quant import (
+    _HAS_VNNI,
+    INT8_MIN_ROWS,
     FusedLinear,
     GGMLBlocks,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    attach_int8_rows,
     dequantize_int4,
     fuse_linears,
     quantize_int4,
@@ -108,6 +111,38 @@ def test_int8_linear_equals_float32_linear_on_the_dequantised_weights():
     assert relative_error(linear(x), x @ reference.T) < 0.02
 
 
+def test_int8_rows_of_an_int4_layer_are_its_weights_requantised_per_row_and_each_row_stands_alone():
+    # --packed-activations int8: steps of several rows go to fbgemm's int8 x int8 kernel. The truth is the
+    # float32 product of the int4 layer's own (dequantised) weights; the error budget is the per-row
+    # re-quantisation (half a step of rowmax / 127) and 8-bit activations (half a step of rowmax / 127.5).
+    w = torch.from_numpy(random_weights(96, 128, seed=5))
+    q, scale, zero = quantize_int4(w)
+    reference = dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
+    linear = Int4Linear(q, scale, zero, device=CPU)
+    attach_int8_rows(linear)
+    x = torch.randn(6, 128)
+    x[2] *= 1000  # one request's activations far larger than the others'
+    want = x @ reference.T
+    got = linear(x)
+    activation_steps = 1 if _HAS_VNNI else 2  # 7-bit activations without VNNI
+    row_bound = (activation_steps * x.abs().amax(1, keepdim=True) / 255 * reference.abs().sum(1)
+                 + x.abs() @ (reference.abs().amax(1, keepdim=True) / 254).expand(-1, 128).T)
+    assert ((got - want).abs() <= row_bound + 1e-4 * want.abs()).all()
+    assert relative_error(got, want) < 0.02
+    # Each row's result is the same beside zero rows as beside the others, bit for bit: the big row does
+    # not coarsen the small ones.
+    padding = torch.zeros(INT8_MIN_ROWS - 1, 128)
+    for i in range(6):
+        assert torch.equal(linear(torch.cat([x[i:i + 1], padding]))[0], got[i])
+    # Fewer rows than INT8_MIN_ROWS: the int4 kernel, as without int8 rows.
+    assert torch.equal(linear(x[:INT8_MIN_ROWS - 1]), linear(x[:INT8_MIN_ROWS - 1].bfloat16()).float())
+    # An int8 layer keeps its own weights: only the activations are quantised.
+    q8, scale8 = quantize_int8(w)
+    linear8 = Int8Linear(q8, scale8, device=CPU)
+    attach_int8_rows(linear8)
+    assert relative_error(linear8(x), x @ (q8.float() * scale8.bfloat16().float()[:, None]).T) < 0.01
+
+
 def test_int8_embedding_looks_up_the_dequantised_rows():
     w = torch.from_numpy(random_weights(50, 64, seed=5))
     q, scale = quantize_int8(w, 32)
@@ -143,7 +178,7 @@ def test_gguf_q4_file_is_served_as_stored(q4_gguf):
     assert build(q4_gguf, max_batch_size=1, max_seq_len=16, quantize="none").info.quantization == "none"
 
 
-@pytest.mark.parametrize(("activations", "max_error"), [("bfloat16", 0.03), ("float32", 0.01)])
+@pytest.mark.parametrize(("activations", "max_error"), [("bfloat16", 0.03), ("float32", 0.01), ("int8", 0.05)])
 def test_native_q4_model_equals_the_float32_model_of_the_same_weights(q4_gguf, activations, max_error):
     # quantize="none" dequantises the file to float32: the same weights, computed in float32.
     native = logits_of(q4_gguf, None, packed_activations=activations)
@@ -156,8 +191,10 @@ def test_native_q4_model_equals_the_float32_model_of_the_same_weights(q4_gguf, a
 
 
 def test_packed_activations_are_checked_and_reported(q4_gguf, tiny_checkpoints):
-    with pytest.raises(ValueError, match="unknown packed_activations 'int8'; use one of bfloat16, float32"):
-        build(q4_gguf, max_batch_size=1, max_seq_len=16, packed_activations="int8")
+    with pytest.raises(ValueError, match="unknown packed_activations 'int4'; use one of bfloat16, float32, int8"):
+        build(q4_gguf, max_batch_size=1, max_seq_len=16, packed_activations="int4")
+    with pytest.raises(ValueError, match="packed_activations .int8. runs on x86 CPUs only"):
+        build(q4_gguf, max_batch_size=1, max_seq_len=16, packed_activations="int8", device="cuda")
     # Nothing packed: nothing to report; a bfloat16 model's kernels take bfloat16 whatever was asked.
     assert build(tiny_checkpoints["hf"], max_batch_size=1, max_seq_len=16).info.packed_activations == ""
     assert build(q4_gguf, max_batch_size=1, max_seq_len=16, dtype="bfloat16",
