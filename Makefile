@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging bench-memory clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging bench-memory bench-kernels clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -97,7 +97,7 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 # Benchmarks (not tests): each prints a table; the latest numbers go in README.md.
-bench: bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging bench-memory
+bench: bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-abuse bench-peers bench-cache bench-paging bench-memory bench-kernels
 bench-tokenizer: install assets
 	$(PY) bench/tokenizer_bench.py
 bench-model: install assets
@@ -105,6 +105,9 @@ bench-model: install assets
 # The model core's decode options A/B in one process (separate vs fused projections, eager vs --compile).
 bench-decode: install assets
 	$(PY) bench/decode_ab.py
+# The CPU kernels for packed weights (int4, int8 rows, int8 weight-only, bfloat16, _int_mm, fbgemm) at 1-256 rows (~15 s).
+bench-kernels: install
+	$(PY) bench/kernel_bench.py
 bench-engine: install assets
 	$(PY) bench/engine_bench.py
 bench-cache: install assets

@@ -11,12 +11,17 @@ not change a kernel's speed). Kernels:
   its own layers (``Int4Linear``);
 - int8 rows: the same layers with ``--packed-activations int8`` (from ``INT8_MIN_ROWS`` rows, fbgemm's
   int8 x int8 kernel on weights re-quantised per row, each activation row on its own scale);
+- the int4 kernel alone, and
 - int8 per-row weight-only (``_weight_int8pack_mm``, bfloat16 activations): the service's output layer;
 - bfloat16 dense (``F.linear``);
-- int8 x int8 (``torch._int_mm``, activations quantised per row first, as llama.cpp does for its
-  4-bit dot products; the per-row quantisation and rescale are timed with it, eagerly);
+- int8 x int8 (``torch._int_mm``, activations quantised per row first, timed with it, eagerly; llama.cpp
+  quantises them per block of 32 for its 4-bit dot products);
 - fbgemm's dynamic int8 linear alone (``quantized.linear_dynamic``: one activation scale for the whole
   input; the int8 rows path pins that range so each row keeps its own).
+
+The two served columns call the service's layers eagerly, so they include each call's own Python
+(casts, the int8 rows' scaling: ~25-60 us a layer, 3-7 ms a step of 120), which the compiled service
+mostly fuses away; the other columns are the bare kernels.
 
 Prints ms per step and the ratio to the int4 kernel for each row count; JSON in
 ``bench/results/kernels.json``. Timings only (the int8 kernels' accuracy: ``tests/model_service/test_quant.py``).
@@ -64,6 +69,18 @@ def packed_layers(layers: list[list[tuple[int, int]]], int8_rows: bool) -> Calla
         for layer in built:
             for k, linear in layer:
                 linear(x["f32"][k])
+    return run
+
+
+def int4_kernel(layers: list[list[tuple[int, int]]]) -> Callable[[dict], None]:
+    packed = [[(k, torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32), 1),
+        torch.randn(k // GROUP_SIZE, n, 2, dtype=torch.bfloat16)) for n, k in shapes] for shapes in layers]
+
+    def run(x: dict) -> None:
+        for layer in packed:
+            for k, weight, scales_zeros in layer:
+                torch.ops.aten._weight_int4pack_mm_for_cpu(x["bf16"][k], weight, GROUP_SIZE, scales_zeros)
     return run
 
 
@@ -120,6 +137,7 @@ def fbgemm_dynamic_kernel(layers: list[list[tuple[int, int]]]) -> Callable[[dict
 KERNELS = {
     "int4 group-wise (served)": lambda layers: packed_layers(layers, int8_rows=False),
     "int8 rows (--packed-activations int8)": lambda layers: packed_layers(layers, int8_rows=True),
+    "int4 kernel alone": int4_kernel,
     "int8 weight-only": int8_weight_only_kernel,
     "bfloat16 dense": bf16_kernel,
     "int8 x int8 (_int_mm)": int8_int8_kernel,
