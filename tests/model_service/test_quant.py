@@ -239,27 +239,32 @@ def test_unknown_quantize_mode_is_refused(tiny_checkpoints):
 
 # ---- tensor parallelism: shards of packed weights -----------------------------------------------
 
-CASES = [("gguf-q4", None), ("meta", "int4"), ("meta2", "int8")]
+# (checkpoint, --quantize, --packed-activations); with int8 rows a row-parallel layer's ranks each scale
+# their own slice of a row's activations, so tp=2 differs from tp=1 by about int8's own error.
+CASES = [("gguf-q4", None, "bfloat16"), ("meta", "int4", "bfloat16"), ("meta2", "int8", "bfloat16"),
+         ("gguf-q4", None, "int8")]
 
 
-def _rank_logits(rank: int, cases: list[tuple[Path, str | None]]) -> list[dict[str, torch.Tensor]]:
-    return [logits_of(path, quantize) for path, quantize in cases]
+def _rank_logits(rank: int, cases: list[tuple[Path, str | None, str]]) -> list[dict[str, torch.Tensor]]:
+    return [logits_of(path, quantize, packed_activations=activations) for path, quantize, activations in cases]
 
 
 @pytest.fixture(scope="module")
 def tp2_quantized(tiny_checkpoints, q4_gguf) -> tuple[list, list]:
     paths = dict(tiny_checkpoints, **{"gguf-q4": q4_gguf})
-    cases = [(paths[name], quantize) for name, quantize in CASES]
+    cases = [(paths[name], quantize, activations) for name, quantize, activations in CASES]
     return cases, distributed.launch(2, _rank_logits, cases, timeout_s=300)
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{n}-{q}" for n, q in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{n}-{q}-{a}" for n, q, a in CASES])
 def test_tp2_of_packed_weights_equals_tp1(tp2_quantized, case):
     cases, results = tp2_quantized
-    expected = logits_of(*cases[case])
+    path, quantize, activations = cases[case]
+    expected = logits_of(path, quantize, packed_activations=activations)
     for rank, per_rank in enumerate(results):
         for key, value in per_rank[case].items():
-            assert relative_error(value, expected[key]) < 0.02, f"rank {rank} {key}"
+            error = relative_error(value, expected[key])
+            assert error < (0.05 if activations == "int8" else 0.02), f"rank {rank} {key}: {error}"
 
 
 # ---- the real file ------------------------------------------------------------------------------
