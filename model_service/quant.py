@@ -17,8 +17,8 @@ Kernels are PyTorch's own (the ones gpt-fast and torchao's CPU/CUDA int4 and int
   the scales' rounding back in a second call, which computes the dequantised float32 linear to ~0.5%
   and costs 1.3-2.3x the time (see ``_QuantLinear.forward``). Beside llama.cpp on SmolLM2's Q4_1 file
   both agree on ~97% of next tokens given the same context. A bfloat16 model takes the single call.
-  "int8" keeps the bfloat16 call for steps of one token and gives steps of several (batched decode,
-  prompt chunks) to fbgemm's int8 x int8 kernel (VNNI where the CPU has it): activations quantised to
+  "int8" keeps the bfloat16 call for steps of under ``INT8_MIN_ROWS`` tokens and gives larger ones
+  (batched decode, prompt chunks) to fbgemm's int8 x int8 kernel (VNNI where the CPU has it): activations quantised to
   8 bits per row, weights re-quantised per row (the nearest per-row int8 to the 4-bit groups; an int8
   layer keeps its own), ~1.8x faster than the int4 kernel at 16 rows and ~3.6x at 256 (``make
   bench-kernels``), at the cost of the file's exact weights in those steps and a second copy of them.
@@ -56,7 +56,7 @@ GROUP_SIZE = 32  # int4 group width; also the block width of GGUF's Q4_0 / Q4_1 
 QUANTIZE_MODES = ("none", "int8", "int4")
 # What the packed kernels of a float32 model multiply: activations rounded to bfloat16 (one call), or
 # float32 ones as two bfloat16 halves plus the scales' rounding (the dequantised float32 linear).
-# "int8": steps of several tokens multiply 8-bit activations by per-row int8 weights (fbgemm), see above.
+# "int8": steps of INT8_MIN_ROWS+ tokens multiply 8-bit activations by per-row int8 weights (fbgemm), see above.
 PACKED_ACTIVATIONS = ("bfloat16", "float32", "int8")
 # Bytes per 32-column block (fp16 scale [, fp16 min], then the quants), from ggml-common.h.
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -155,24 +155,22 @@ _INT8_ROWS: dict[int, object] = {}  # key -> fbgemm's prepacked weight (an op's 
 _int8_rows_keys = itertools.count()
 _HAS_VNNI = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()  # unknown: the safe 7 bits
 # Steps of fewer rows keep the layer's own kernel: the int4 kernel works in tiles of 4 rows and up to one
-# tile beats fbgemm (SmolLM2 step's projections, ``make bench-kernels``: 2 rows 3.3 vs 5.2 ms, 4 rows 4.0
-# vs 5.3; 6 rows 7.9 vs 6.2; 16 rows 13.6 vs 8.0). In a compiled graph the test is a guard on the row
+# tile beats fbgemm (SmolLM2 step's projections, ``make bench-kernels``: 2 rows 3.2 vs 4.9 ms, 4 rows 3.9
+# vs 5.0; 16 rows 11.8 vs 6.8). In a compiled graph the test is a guard on the row
 # count: graphs of fewer rows and of more are compiled apart (``Transformer.warm_up_compiled``).
 INT8_MIN_ROWS = 5
 
 
-def int8_rows(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+def int8_rows(x: torch.Tensor, pin: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
     """float32 ``x`` [M, K] times the layer ``key``'s int8 weight (transposed) -> float32 [M, out_features],
     each row's activations quantised to 8 bits on their own scale.
 
     fbgemm's dynamic linear picks one asymmetric range for its whole input; here every row is divided by
-    its largest magnitude and one more row holding -1 and +1 pins that range to [-1, 1], so a row's result
-    does not depend on the other rows of the step (one request's activations never coarsen another's).
+    its largest magnitude and one more row, ``pin`` [1, K] holding -1 and +1, pins that range to [-1, 1],
+    so a row's result does not depend on the other rows of the step (one request's activations never coarsen another's).
     The scaling is plain tensor code (in a compiled graph, fused into the kernels around it); the matmul
     is an opaque op."""
     peak = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    pin = torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device)
-    pin[:, 0], pin[:, -1] = -1.0, 1.0
     return torch.ops.llama_grpc.int8_rows_linear(torch.cat([x / peak, pin]), key, out_features)[:-1] * peak
 
 
@@ -204,16 +202,18 @@ def attach_int8_rows(layer: _QuantLinear) -> None:
     if isinstance(layer, Int8Linear):
         q, scale = layer.weight_int8, layer.scales.float()
     else:
-        rows = []
-        for start in range(0, layer.in_features, 512):  # the weights' transpose, a slice of columns at a time
-            eye = torch.eye(layer.in_features, dtype=layer.compute_dtype)[start:start + 512]
-            rows.append(layer._mm(eye).float())
+        eye = torch.eye(layer.in_features, dtype=layer.compute_dtype)
+        # the weights' transpose, a slice of columns at a time
+        rows = [layer._mm(eye[start:start + 512]).float() for start in range(0, layer.in_features, 512)]
         q, scale = quantize_int8(torch.cat(rows).t())
     with warnings.catch_warnings():  # torch deprecates quantized tensors (pytorch#184982); fbgemm's ops remain
         warnings.simplefilter("ignore", UserWarning)
         weight = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(),
                                                           torch.zeros(q.shape[0], dtype=torch.int64), 0)
         packed = torch.ops.quantized.linear_prepack(weight, None)
+    pin = torch.zeros(1, layer.in_features)
+    pin[0, 0], pin[0, -1] = -1.0, 1.0
+    layer.register_buffer("int8_pin", pin, persistent=False)  # the row that pins fbgemm's range (int8_rows)
     key = next(_int8_rows_keys)
     _INT8_ROWS[key] = packed
     weakref.finalize(layer, _INT8_ROWS.pop, key, None)
@@ -255,7 +255,7 @@ class _QuantLinear(nn.Module):
             if low is not None:
                 y += low
         elif self.int8_rows_key is not None and x2.shape[0] >= INT8_MIN_ROWS:
-            y = int8_rows(x2.float(), self.int8_rows_key, self.out_features).to(x.dtype)
+            y = int8_rows(x2.float(), self.int8_pin, self.int8_rows_key, self.out_features).to(x.dtype)
         else:
             y = self._mm(x2.to(self.compute_dtype)).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)

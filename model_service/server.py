@@ -139,9 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="what the int4/int8 kernels of a float32 model multiply: bfloat16 (activations rounded to "
                          "bfloat16, one call; llama.cpp rounds them to 8 bits), float32 (two bfloat16 halves "
                          "and the scales' rounding: the dequantised float32 linear to ~0.5%%, 1.3-2.3x slower) or "
-                         "int8 (x86 CPU: steps of several tokens multiply 8-bit activations, each row on its own "
-                         "scale, by weights re-quantised to int8 per row, in fbgemm's kernel; one-token steps as "
-                         "bfloat16: faster batched decode and prompts, the file's exact weights only at batch 1, "
+                         "int8 (x86 CPU: steps of 5+ tokens multiply 8-bit activations, each row on its own "
+                         "scale, by weights re-quantised to int8 per row, in fbgemm's kernel: "
+                         "faster batched decode and prompts, the file's exact weights only in smaller steps, "
                          "one more copy of the weights in memory)")
     parser.add_flag("--max-batch-size", type=int, default=16, help="sequences decoded together (the running batch)")
     parser.add_flag("--max-seq-len", type=int, default=2048,
