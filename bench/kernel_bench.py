@@ -10,7 +10,8 @@ not change a kernel's speed). Kernels:
 - int4 group-wise (``_weight_int4pack_mm_for_cpu``, bfloat16 activations): what the service runs, through
   its own layers (``Int4Linear``);
 - int8 rows: the same layers with ``--packed-activations int8`` (from ``INT8_MIN_ROWS`` rows, fbgemm's
-  int8 x int8 kernel on weights re-quantised per row, each activation row on its own scale);
+  int8 x int8 kernel on weights re-quantised per row, each activation row on its own scale, both rotated
+  by Hadamard blocks except the attention output's, as in the service);
 - the int4 kernel alone, and
 - int8 per-row weight-only (``_weight_int8pack_mm``, bfloat16 activations): the service's output layer;
 - bfloat16 dense (``F.linear``);
@@ -57,11 +58,11 @@ def packed_layers(layers: list[list[tuple[int, int]]], int8_rows: bool) -> Calla
     built = []
     for shapes in layers:
         row = []
-        for n, k in shapes:
+        for index, (n, k) in enumerate(shapes):
             layer = Int4Linear(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // GROUP_SIZE) / 100,
                                torch.randn(n, k // GROUP_SIZE) / 100, device=torch.device("cpu"))
             if int8_rows:
-                attach_int8_rows(layer)
+                attach_int8_rows(layer, rotate=index != 1)  # the attention output is not rotated (build.py)
             row.append((k, layer))
         built.append(row)
 

@@ -333,9 +333,10 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     gc.collect()
     fuse_projections(model)
     if packed_activations == "int8" and quantization != "none":
+        unrotated = {id(block.attention.wo) for block in model.layers}  # no outliers to spread (quant.py)
         for layer in model.modules():
             if isinstance(layer, _QuantLinear):
-                attach_int8_rows(layer)
+                attach_int8_rows(layer, rotate=id(layer) not in unrotated)
     model.eval()
     if kv_block_size < 1:
         raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")

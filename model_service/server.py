@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "bfloat16, one call; llama.cpp rounds them to 8 bits), float32 (two bfloat16 halves "
                          "and the scales' rounding: the dequantised float32 linear to ~0.5%%, 1.3-2.3x slower) or "
                          "int8 (x86 CPU: steps of 5+ tokens multiply 8-bit activations, each row on its own "
-                         "scale, by weights re-quantised to int8 per row, in fbgemm's kernel: "
+                         "scale, by weights re-quantised to int8 per row, both rotated by Hadamard blocks first, "
+                         "in fbgemm's kernel: "
                          "faster batched decode and prompts, the file's exact weights only in smaller steps, "
                          "one more copy of the weights in memory)")
     parser.add_flag("--max-batch-size", type=int, default=16, help="sequences decoded together (the running batch)")
