@@ -238,7 +238,8 @@ def attach_int8_rows(layer: _QuantLinear, rotate: bool = True) -> None:
         # the weights' transpose, a slice of columns at a time
         rows = [layer._mm(eye[start:start + 512]).float() for start in range(0, layer.in_features, 512)]
         w = torch.cat(rows).t()
-    rotation = hadamard(min(ROTATION_BLOCK, layer.in_features & -layer.in_features)) if rotate else None
+    block = min(ROTATION_BLOCK, layer.in_features & -layer.in_features)  # a power of two that divides the width
+    rotation = hadamard(block) if rotate and block > 1 else None
     q, scale = quantize_int8(w if rotation is None else rotate_blocks(w, rotation))
     del w
     with warnings.catch_warnings():  # torch deprecates quantized tensors (pytorch#184982); fbgemm's ops remain

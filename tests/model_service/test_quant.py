@@ -146,6 +146,15 @@ def test_int8_rows_of_an_int4_layer_are_its_rotated_weights_requantised_per_row_
         assert torch.equal(linear(torch.cat([x[i:i + 1], padding]))[0], got[i])
     # Fewer rows than INT8_MIN_ROWS: the int4 kernel, as without int8 rows.
     assert torch.equal(linear(x[:INT8_MIN_ROWS - 1]), linear(x[:INT8_MIN_ROWS - 1].bfloat16()).float())
+    # A width that ROTATION_BLOCK does not divide: blocks of its largest power-of-two factor (here 8); an
+    # odd width: no rotation. Either way the product is the layer's.
+    for width, block in ((200, 8), (99, None)):
+        w_odd = torch.from_numpy(random_weights(16, width, seed=6))
+        odd = Int8Linear(*quantize_int8(w_odd), device=CPU)
+        attach_int8_rows(odd)
+        assert (odd.int8_rotation is None) if block is None else odd.int8_rotation.shape == (block, block)
+        x_odd = torch.randn(INT8_MIN_ROWS, width)
+        assert relative_error(odd(x_odd), x_odd @ w_odd.T) < 0.03
     # An int8 layer's own weights are rotated and re-quantised the same way.
     q8, scale8 = quantize_int8(w)
     linear8 = Int8Linear(q8, scale8, device=CPU)
