@@ -113,6 +113,14 @@ def test_int8_linear_equals_float32_linear_on_the_dequantised_weights():
     assert relative_error(linear(x), x @ reference.T) < 0.02
 
 
+def int4_layer_with_int8_rows(w: torch.Tensor) -> tuple[Int4Linear, torch.Tensor]:
+    """An int4 layer of ``w`` with int8 rows attached, and the weights its int4 kernel multiplies."""
+    q, scale, zero = quantize_int4(w)
+    linear = Int4Linear(q, scale, zero, device=CPU)
+    attach_int8_rows(linear)
+    return linear, dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
+
+
 def test_int8_rows_of_an_int4_layer_are_its_rotated_weights_requantised_per_row_and_each_row_stands_alone():
     # --packed-activations int8: steps of several rows go to fbgemm's int8 x int8 kernel. The truth is the
     # float32 product of the int4 layer's own (dequantised) weights. Both sides are rotated first (blocks of
@@ -120,10 +128,7 @@ def test_int8_rows_of_an_int4_layer_are_its_rotated_weights_requantised_per_row_
     # that of the rotated operands: the per-row re-quantisation (half a step of rowmax / 127) and 8-bit
     # activations (half a step of rowmax / 127.5).
     w = torch.from_numpy(random_weights(96, 128, seed=5))
-    q, scale, zero = quantize_int4(w)
-    reference = dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
-    linear = Int4Linear(q, scale, zero, device=CPU)
-    attach_int8_rows(linear)
+    linear, reference = int4_layer_with_int8_rows(w)
     rotation = linear.int8_rotation
     assert rotation.shape == (ROTATION_BLOCK, ROTATION_BLOCK)
     assert torch.allclose(rotation @ rotation.T, torch.eye(ROTATION_BLOCK), atol=1e-6)
@@ -168,11 +173,7 @@ def test_int8_rows_rotation_keeps_an_outlier_channel_from_coarsening_its_row():
     # rotated, it is spread over its block. The unrotated error is computed here by quantising the same
     # operands in float (the kernel's rounding, without its speed); the layer must do clearly better
     # (measured: 0.016 vs 0.046; with the rotation taken out, the layer gives 0.047).
-    w = torch.from_numpy(random_weights(64, 256, seed=9))
-    q, scale, zero = quantize_int4(w)
-    reference = dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
-    linear = Int4Linear(q, scale, zero, device=CPU)
-    attach_int8_rows(linear)
+    linear, reference = int4_layer_with_int8_rows(torch.from_numpy(random_weights(64, 256, seed=9)))
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(3))
     x[:, 17] *= 100
     want = x @ reference.T
