@@ -172,6 +172,7 @@ INT8_MIN_ROWS = 5
 # compiled). The attention's output projection is not rotated (``attach_int8_rows(rotate=False)``): its
 # input has no outlier channels to spread (without it: 0.953, KL 0.0086) and it saves 30 matmuls a step.
 ROTATION_BLOCK = 32
+_INT8_ROWS_SLICE = 4096  # output rows attach_int8_rows rotates and re-quantises at a time
 
 
 def hadamard(size: int) -> torch.Tensor:
@@ -230,18 +231,30 @@ def _(pinned: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
 def attach_int8_rows(layer: _QuantLinear, rotate: bool = True) -> None:
     """Give a CPU packed layer the int8 weights ``int8_rows`` multiplies in steps of several rows: its
     weights (an Int8Linear's own; an Int4Linear's read back through its kernel, in bfloat16), with
-    ``rotate`` rotated in blocks of ``ROTATION_BLOCK`` columns, re-quantised per row."""
-    if isinstance(layer, Int8Linear):
-        w = layer.weight_int8.float() * layer.scales.float()[:, None]
-    else:
-        eye = torch.eye(layer.in_features, dtype=layer.compute_dtype)
-        # the weights' transpose, a slice of columns at a time
-        rows = [layer._mm(eye[start:start + 512]).float() for start in range(0, layer.in_features, 512)]
-        w = torch.cat(rows).t()
+    ``rotate`` rotated in blocks of ``ROTATION_BLOCK`` columns, re-quantised per row. Rows are rotated
+    and quantised ``_INT8_ROWS_SLICE`` at a time, so the float copies stay small (a Llama 3 8B output
+    layer would need 4 GB of them at once)."""
     block = min(ROTATION_BLOCK, layer.in_features & -layer.in_features)  # a power of two that divides the width
     rotation = hadamard(block) if rotate and block > 1 else None
-    q, scale = quantize_int8(w if rotation is None else rotate_blocks(w, rotation))
-    del w
+    if isinstance(layer, Int8Linear):
+        def weights(rows: slice) -> torch.Tensor:
+            return layer.weight_int8[rows].float() * layer.scales[rows].float()[:, None]
+    else:
+        # The weights' transpose as the kernel gives it (bfloat16: 2 bytes a weight), a slice of columns at a time.
+        eye = torch.eye(layer.in_features, dtype=layer.compute_dtype)
+        transposed = torch.empty(layer.in_features, layer.out_features, dtype=layer.compute_dtype)
+        for start in range(0, layer.in_features, 512):
+            transposed[start:start + 512] = layer._mm(eye[start:start + 512])
+        del eye
+
+        def weights(rows: slice) -> torch.Tensor:
+            return transposed[:, rows].t().float().contiguous()  # as any [rows, in] matrix: same rotation sums
+    q = torch.empty(layer.out_features, layer.in_features, dtype=torch.int8)
+    scale = torch.empty(layer.out_features)
+    for start in range(0, layer.out_features, _INT8_ROWS_SLICE):
+        rows = slice(start, start + _INT8_ROWS_SLICE)
+        w = weights(rows)
+        q[rows], scale[rows] = quantize_int8(w if rotation is None else rotate_blocks(w, rotation))
     with warnings.catch_warnings():  # torch deprecates quantized tensors (pytorch#184982); fbgemm's ops remain
         warnings.simplefilter("ignore", UserWarning)
         weight = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(),
