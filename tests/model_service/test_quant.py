@@ -123,6 +123,14 @@ def int4_layer_with_int8_rows(w: torch.Tensor) -> tuple[Int4Linear, torch.Tensor
     return linear, dequantize_int4(q, scale.bfloat16(), zero.bfloat16())
 
 
+def int8_layer_with_int8_rows(w: torch.Tensor) -> tuple[Int8Linear, torch.Tensor]:
+    """An int8 layer of ``w`` with int8 rows attached, and the weights its own kernel multiplies."""
+    q, scale = quantize_int8(w)
+    linear = Int8Linear(q, scale, device=CPU)
+    attach_int8_rows(linear)
+    return linear, q.float() * scale.bfloat16().float()[:, None]
+
+
 def test_int8_rows_of_an_int4_layer_are_its_rotated_weights_requantised_per_row_and_each_row_stands_alone():
     # --packed-activations int8: steps of several rows go to fbgemm's int8 x int8 kernel. The truth is the
     # float32 product of the int4 layer's own (dequantised) weights. Both sides are rotated first (blocks of
@@ -157,17 +165,14 @@ def test_int8_rows_of_an_int4_layer_are_its_rotated_weights_requantised_per_row_
     # odd width: no rotation. Either way the product is the layer's.
     for width, block in ((200, 8), (99, None)):
         w_odd = torch.from_numpy(random_weights(16, width, seed=6))
-        odd = Int8Linear(*quantize_int8(w_odd), device=CPU)
-        attach_int8_rows(odd)
+        odd, _ = int8_layer_with_int8_rows(w_odd)
         assert (odd.int8_rotation is None) if block is None else odd.int8_rotation.shape == (block, block)
         x_odd = torch.randn(INT8_MIN_ROWS, width)
         assert relative_error(odd(x_odd), x_odd @ w_odd.T) < 0.03
     # An int8 layer's own weights are rotated and re-quantised the same way: the rotated weights' rounding
     # comes on top of the activations' (the same budget as the int4 layer's).
-    q8, scale8 = quantize_int8(w)
-    linear8 = Int8Linear(q8, scale8, device=CPU)
-    attach_int8_rows(linear8)
-    assert relative_error(linear8(x), x @ (q8.float() * scale8.bfloat16().float()[:, None]).T) < 0.02
+    linear8, reference8 = int8_layer_with_int8_rows(w)
+    assert relative_error(linear8(x), x @ reference8.T) < 0.02
 
 
 def test_int8_rows_weights_are_made_a_slice_of_rows_at_a_time_exactly_as_whole():
@@ -180,10 +185,7 @@ def test_int8_rows_weights_are_made_a_slice_of_rows_at_a_time_exactly_as_whole()
             linear, reference = int4_layer_with_int8_rows(w)
             reference = reference.bfloat16().float()  # read back through the kernel: its bfloat16 output
         else:
-            q8, scale8 = quantize_int8(w)
-            linear = Int8Linear(q8, scale8, device=CPU)
-            attach_int8_rows(linear)
-            reference = q8.float() * scale8.bfloat16().float()[:, None]
+            linear, reference = int8_layer_with_int8_rows(w)
         want_q, want_scale = quantize_int8(rotate_blocks(reference, linear.int8_rotation))
         packed = torch.ops.quantized.linear_unpack(_INT8_ROWS[linear.int8_rows_key])[0]
         assert torch.equal(packed.int_repr(), want_q), layer_kind
