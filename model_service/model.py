@@ -491,7 +491,11 @@ class Transformer(nn.Module):
                 for name, child in module.named_children():
                     if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
                         setattr(module, name, FusedLinear(child.weight))
-        self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True)
+        # Without inductor's size asserts: the generated wrapper checks the sizes and strides of every
+        # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
+        # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
+        self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True,
+                                              options={"size_asserts": False})
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
                          "over a view of it, batched decode on short contexts over block tables), dynamic token "
                          "count")
