@@ -10,7 +10,8 @@ distribution:
   holds that row's nucleus) instead of sorting all of it: sorting 16 x 49152 probabilities cost more
   than SmolLM2's forward pass;
 - the draw is inverse-CDF with one uniform number per token from the request's own CPU generator,
-  so a seed gives the same tokens whatever else shares the batch, on CPU and GPU alike.
+  so other rows never change a row's draws, on CPU and GPU alike (the logits themselves are the
+  same alone or batched only in the eager model: README, "Batch invariance").
 
 Log-probabilities are those of the model (``log_softmax`` of the raw logits), as the reference's
 ``-cross_entropy(logits, tokens)``, not of the tempered or truncated distribution.
