@@ -10,8 +10,8 @@ distribution:
   holds that row's nucleus) instead of sorting all of it: sorting 16 x 49152 probabilities cost more
   than SmolLM2's forward pass;
 - the draw is inverse-CDF with one uniform number per token from the request's own CPU generator,
-  so other rows never change a row's draws, on CPU and GPU alike (the logits themselves are the
-  same alone or batched only in the eager model: README, "Batch invariance").
+  so other rows never change a row's draws, on CPU and GPU alike (the logits themselves may differ
+  in the last bits with what shares the step: README, "Batch invariance").
 
 Log-probabilities are those of the model (``log_softmax`` of the raw logits), as the reference's
 ``-cross_entropy(logits, tokens)``, not of the tempered or truncated distribution.
