@@ -10,7 +10,8 @@ concurrency C, C closed-loop clients send ``rounds`` text-completion requests ap
 the model service directly (prompt ids encoded up front), and to each gateway (which also encodes,
 decodes and runs the stop-sequence matcher with one stop sequence); the three paths take turns,
 ``repeats`` times, in alternating order, so a slow spell of the machine hits them alike. Every request
-samples with its own seed, so every path generates the same tokens. Reported (medians over the
+samples with its own seed, so every path generates the same tokens (up to what batching changes in the
+last bits: README, "Batch invariance"). Reported (medians over the
 repeats): time to first token p50, per-stream tokens/s (median), aggregate tokens/s, the path's
 aggregate over the model service's in the same repeat (the split), and the CPU time each process took
 per generated token (from /proc).
