@@ -34,7 +34,7 @@ from llama_grpc_runtime.errors import (
 from .options import Constraint, check_output, check_stopping
 from .runner import LocalRunner, Runner
 from .sampling import SamplingParams, SamplingRow, new_generator, sample, token_logprobs
-from .scheduler import FinishReason, Scheduler, Sequence, StepPlan, Work
+from .scheduler import FinishReason, Scheduler, Sequence, Status, StepPlan, Work
 
 __all__ = ["Engine", "FinishReason", "GenerationChunk", "GenerationRequest", "GenerationStream", "Load",
            "LocalRunner", "Runner", "TokenAlternatives"]
@@ -343,12 +343,14 @@ class Engine:
 
     @staticmethod
     def _may_reuse_blocks(request: GenerationRequest) -> bool:
-        """Whether a request may start from other requests' cached blocks.
+        """Whether a request may start from cached blocks that other requests left behind.
 
         Not when it wants prompt logprobs (every prompt position must be computed), nor when it
-        samples with a seed: a seed promises the same output for the same request, and keys/values
-        computed in other chunks differ in float rounding (~1e-7), enough to flip a sampled token.
-        Greedy output does not change (tested), so greedy and unseeded requests reuse blocks.
+        samples with a seed: the same seeded request on an idle server gives the same tokens every
+        time, and keys/values computed in other chunks differ in float rounding (~1e-7), enough to
+        flip a sampled token. Greedy output does not change (tested), so greedy and unseeded requests
+        reuse blocks. (Sharing the prompt of an identical request still live is another rule:
+        ``_live_twin``.)
         """
         if request.echo and (request.logprobs or request.top_logprobs > 0):
             return False
@@ -363,8 +365,8 @@ class Engine:
         completes it the others fork from it (``Scheduler.fork``: they share its prompt blocks).
 
         Seeded groups fork too: the forks join at a step fixed by the schedule, never by timing, so
-        the same group gives the same tokens every time (the prompt blocks are the group's own, not
-        another request's, which ``_may_reuse_blocks`` rules out for seeded requests).
+        the same group gives the same tokens every time (alone on a server, the prompt blocks are the
+        group's own, not a finished request's, which ``_may_reuse_blocks`` rules out for seeded ones).
         """
         reqs = [self._prepare(request) for request in requests]
         if len({tuple(req.seq.tokens) for req in reqs}) > 1:
@@ -559,8 +561,18 @@ class Engine:
         with self._cond:
             arrivals, self._inbox = self._inbox, []
         for req in arrivals:
-            self._requests[req.seq] = req
-            self.scheduler.add(req.seq)
+            twin = self._live_twin(req) if self.prefix_cache else None
+            if twin is None:
+                self._requests[req.seq] = req
+                self.scheduler.add(req.seq)
+            elif twin.seq.prefilled:  # decoding: its prompt blocks are in the cache now
+                for each in (req, *req.siblings):
+                    self._requests[each.seq] = each
+                    self.scheduler.fork(twin.seq, each.seq, first=False)  # in line as it arrived
+                req.siblings = []
+            else:  # waiting or part-way through its prompt: fork when it is cached (or compute it if the twin ends)
+                twin.siblings += [req, *req.siblings]
+                req.siblings = []
         now = time.monotonic()
         for req in list(self._requests.values()):
             if req.cancelled:
@@ -570,6 +582,29 @@ class Engine:
                     f"deadline passed after {len(req.seq.generated)} generated tokens"))
             elif req.time_limit is not None and now >= req.time_limit:
                 self._finish(req, FinishReason.TIME_LIMIT)
+
+    def _live_twin(self, req: _Request) -> _Request | None:
+        """A running or waiting request with the same prompt, which ``req`` may fork from, or None.
+
+        Identical prompts live at the same time are computed once, as ``n`` completions are (SGLang's
+        cache-aware scheduler likewise holds back a waiting request whose prefix another in the same
+        batch is computing): the later ones share the first one's full prompt blocks and recompute only
+        its partial last block, forking at once from a twin that is decoding, else when its prompt is in
+        the cache (``_execute``), or computing their own if it ends first (``_finish``). Seeded requests too: which twins are live is
+        part of the load, and the same load gives the same tokens; a request never starts from the
+        cached blocks of a *finished* one (``_may_reuse_blocks``), so a seeded request alone on an idle
+        server gives the same tokens every time. Not for a request that wants its prompt's logprobs
+        (every position must be computed), nor with ``--no-prefix-cache``.
+        """
+        if req.want_prompt_logprobs or req.internal:
+            return None
+        seq = req.seq
+        for other in self._requests.values():
+            twin = other.seq
+            if (twin.prompt_len == seq.prompt_len and not other.internal and not other.cancelled
+                    and twin.status is not Status.FINISHED and twin.tokens[:twin.prompt_len] == seq.tokens):
+                return other
+        return None
 
     def _after_schedule(self, plan: StepPlan) -> None:
         for seq in plan.preempted:

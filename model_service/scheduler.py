@@ -301,8 +301,9 @@ class Scheduler:
         seq.status = Status.WAITING
         self._waiting.append(seq)
 
-    def fork(self, parent: Sequence, child: Sequence | None = None) -> Sequence:
-        """A sibling of ``parent`` (same prompt) sharing its full prompt blocks, queued first in line.
+    def fork(self, parent: Sequence, child: Sequence | None = None, first: bool = True) -> Sequence:
+        """A sibling of ``parent`` (same prompt) sharing its full prompt blocks, queued first in line
+        (``first=False``: last, as a new arrival).
 
         Call once ``parent.prefilled`` (e.g. right after the ``advance`` that completed its prompt);
         the sibling recomputes only the prompt's partial last block (at least its last token, whose
@@ -324,7 +325,10 @@ class Scheduler:
         child.num_cached = child.cached_prompt_tokens = len(shared) * self.block_size
         child._block_keys = parent._block_keys[:len(shared)]
         child._num_registered = min(parent._num_registered, len(shared))
-        self._waiting.appendleft(child)
+        if first:
+            self._waiting.appendleft(child)
+        else:
+            self._waiting.append(child)
         return child
 
     def finish(self, seq: Sequence, reason: FinishReason | None) -> None:

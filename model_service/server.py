@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "budget allows: 256 MiB on cpu, half the free memory on cuda)")
     parser.add_flag("--kv-block-size", type=int, default=16, help="tokens per KV-cache block")
     parser.add_flag("--no-prefix-cache", action="store_true",
-                    help="do not reuse cached blocks of earlier prompts and outputs")
+                    help="do not reuse cached blocks of earlier prompts and outputs, nor share the prompt of "
+                         "an identical request running at the same time")
     parser.add_flag("--prefill-chunk", type=int, default=256,
                     help="prompt tokens per engine step: bounds how long a long prompt delays running streams")
     parser.add_flag("--seed", type=int, default=1, help="seed for anything random at load time")

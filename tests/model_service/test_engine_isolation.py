@@ -9,6 +9,7 @@ innocent request is the same engine serving it alone.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -174,14 +175,16 @@ def test_steps_that_keep_failing_fail_the_engine(model):
 
 
 def test_a_bad_request_now_and_then_is_not_a_broken_device(model):
-    """Failed steps must be consecutive: a good step in between resets the count."""
+    """Failed steps must be consecutive: a good step in between resets the count. (Three different
+    prompts each way: identical ones live together would share one prompt, ``Engine._live_twin``.)"""
     from model_service.engine import Engine
 
     fatal = []
     engine = Engine(PoisonRunner(model, "raise"), vocab_size=VOCAB, max_seq_len=96, max_batch_size=1,
                     max_queue=8, prefill_chunk=8, on_fatal=fatal.append, max_step_failures=2)
     engine.start()
-    good = GenerationRequest(prompt(3), GREEDY, max_new_tokens=2)
-    results = serve(engine, [BAD, good, BAD, good, BAD, good])
+    bad = [replace(BAD, prompt_token_ids=[POISON] * n) for n in (6, 7, 8)]
+    good = [GenerationRequest(prompt(n), GREEDY, max_new_tokens=2) for n in (3, 4, 5)]
+    results = serve(engine, [bad[0], good[0], bad[1], good[1], bad[2], good[2]])
     assert fatal == []
     assert [isinstance(r, ServiceError) for r in results] == [True, False] * 3
