@@ -84,7 +84,8 @@ clean:
 
 # Peers for `make bench` and the llama.cpp agreement test: llama-cpp-python in its own venv (.peers/venv),
 # compiled from source (~8 min on 2 cores). GGML_AMX_INT8=OFF: the default build crashes in the AMX path
-# on CPUs that report AMX. Hugging Face transformers (the other peer) comes with the test extras.
+# on CPUs that report AMX (bench/llama_cpp_peer.py also turns off its repacked weight buffers, which
+# crashed on a later AMX machine even so). Hugging Face transformers (the other peer) comes with the test extras.
 PEERS_VENV ?= .peers/venv
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 peers: $(PEERS_VENV)/.installed

@@ -18,7 +18,20 @@ import time
 
 def main() -> None:
     import llama_cpp
+    import llama_cpp.llama_cpp as llama_cpp_c
 
+    # No repacked weight buffers ("extra buffer types"): on CPUs that report AMX, llama.cpp 0.3.36 crashes
+    # in the first decode step without this, even built with GGML_AMX_INT8=OFF (the Makefile's flag, which
+    # was enough on the machine of earlier rounds). Llama() takes no argument for it, so the defaults it
+    # starts from are patched.
+    default_params = llama_cpp_c.llama_model_default_params
+
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp_c.llama_model_default_params = model_params
     spec = json.load(sys.stdin)
     threads = int(spec.get("threads", 2))
     llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=int(spec.get("n_ctx", 2048)), n_threads=threads,
