@@ -129,13 +129,13 @@ def hf(path: Path, ids: dict[int, list[int]], new_tokens: int) -> dict:
 # ---- llama-grpc in-process -----------------------------------------------------------------------
 
 def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: str, compile: bool,
-               packed_activations: str) -> dict:
+               packed_activations: str, compile_mode: str) -> dict:
     from model_service.build import build
     from model_service.model import Batch
 
     max_streams = max(STREAMS)
     loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype, compile=compile,
-                   packed_activations=packed_activations)
+                   packed_activations=packed_activations, compile_mode=compile_mode if compile else "default")
     model = loaded.model
     row: dict = {"quantization": loaded.info.quantization}
 
@@ -328,6 +328,8 @@ def main() -> None:
                         help="what llama-grpc's int4/int8 kernels multiply (the service default: bfloat16, one call; "
                              "float32: two bfloat16 halves and the scales' rounding, exact and slower; int8: steps "
                              "of 5+ rows through fbgemm's int8 kernel)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"],
+                        help="llama-grpc's --compile-mode (compiled runs only; max-autotune: GEMM templates)")
     parser.add_argument("--model-threads", type=int, default=0,
                         help="the model service's --threads (0: its default, the cores it may use)")
     parser.add_argument("--skip", default="", help="columns to leave out, e.g. hf,llama_cpp")
@@ -356,6 +358,8 @@ def main() -> None:
         from model_service.server import parse_args
 
         ns.compile = parse_args([]).compile
+    if ns.compile_mode != "default":
+        model_args += ["--compile-mode", ns.compile_mode]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     results: dict = {}
@@ -363,7 +367,8 @@ def main() -> None:
     ids = meta["ids"]
     print(f"  services done ({time.monotonic() - started:.0f} s): {meta['quantization']}", file=sys.stderr, flush=True)
     if "in_process" not in skip:
-        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype, ns.compile, ns.packed_activations)
+        results["in_process"] = in_process(checkpoint, ids, ns.new_tokens, ns.dtype, ns.compile, ns.packed_activations,
+                                           ns.compile_mode)
         print(f"  in-process done ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
     if "llama_cpp" not in skip:
         results["llama_cpp"] = llama_cpp(checkpoint, ids, 2 * ns.new_tokens)
@@ -382,7 +387,8 @@ def main() -> None:
     item_bytes = 4 if ns.dtype == "float32" else 2
     cache_mb = meta["kv_cache_tokens"] * 2 * args.n_layers * args.kv_heads * args.head_dim * item_bytes / 2**20
     report = {"checkpoint": str(checkpoint), "quantization": meta["quantization"], "compile": meta["compile"],
-              "dtype": ns.dtype, "packed_activations": ns.packed_activations, "model_threads": ns.model_threads,
+              "dtype": ns.dtype, "packed_activations": ns.packed_activations,
+              "compile_mode": ns.compile_mode, "model_threads": ns.model_threads,
               "streams": STREAMS,
               "new_tokens": ns.new_tokens, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "seconds": time.monotonic() - started, "kv_cache_mb": cache_mb, "results": results}

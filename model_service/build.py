@@ -284,7 +284,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
           dtype: torch.dtype | str = torch.float32, max_batch_size: int, max_seq_len: int | None,
           seed: int = 1, tokenizer_vocab_size: int | None = None, quantize: str | None = None,
           kv_cache_tokens: int | None = None, kv_block_size: int = 16, compile: bool = False,
-          packed_activations: str = "bfloat16") -> LoadedModel:
+          packed_activations: str = "bfloat16", compile_mode: str = "default") -> LoadedModel:
     """Load a checkpoint (Meta dir, HF dir, or GGUF file; None = the embedded default model) as this
     rank's shard, allocate the paged KV cache and return it ready for ``model.forward``.
 
@@ -297,7 +297,8 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     quantisation where a kernel holds it, other checkpoints in ``dtype``. ``compile``: the layers run as one
     ``torch.compile``'d graph (``Transformer.compile``; compiled here, ~1 min on 2 CPU cores, cached on disk,
     see ``use_compile_cache``, so a restart does not compile again). ``packed_activations``: what the
-    packed kernels of a float32 model multiply (``quant.PACKED_ACTIVATIONS``).
+    packed kernels of a float32 model multiply (``quant.PACKED_ACTIVATIONS``). ``compile_mode``: see
+    ``model.COMPILE_MODES``.
     """
     started = time.monotonic()
     dtype, device = parse_dtype(dtype), torch.device(device)
@@ -349,7 +350,7 @@ def build(checkpoint: str | Path | None = None, *, device: str | torch.device = 
     compiled = "off"
     if compile:
         use_compile_cache()
-        compiled = model.compile()
+        compiled = model.compile(compile_mode)
         model.warm_up_compiled()
 
     info = CheckpointInfo(

@@ -303,6 +303,18 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
     return attn.reshape(n_decode, heads, head_dim)
 
 
+# What ``Transformer.compile`` can do (``--compile-mode``). "max-autotune": inductor's own C++ GEMM
+# templates are timed against the ATen kernels for every packed int4 matmul of a graph and the faster one is
+# built in; they need the packed weights as constants (inductor's freezing) and a static hidden width. On a
+# CPU with AMX its int4 template multiplies 16+ rows on AMX tiles: SmolLM2 (2 threads) 16 decoding rows
+# 38.5 -> 20.7 ms a step, 64 rows 122.5 -> 58.8, a 256-token prompt chunk 346 -> 76 ms; 4 rows 12.2 -> 13.3
+# (scratch A/B, README). Every start compiles (the timing runs; frozen graphs are not cached: warm_up_compiled).
+COMPILE_MODES = ("default", "max-autotune")
+# The rows the tables graph is first run with under "max-autotune": the autotuner times the candidates at
+# the size a graph is first built for, and a decode step of many rows is what the templates are for.
+AUTOTUNE_DECODE_ROWS = 16
+
+
 # Decode steps of 2+ sequences, every one at or below this context, attend inside the compiled graph
 # (``attend_tables``) instead of through the op. SmolLM2, 2 CPU threads, 16 sequences (one process,
 # interleaved): context ~100 -15% a step, ~260 -4%, ~530 +6% (the op's flash attention over gathered
@@ -447,6 +459,7 @@ class Transformer(nn.Module):
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
+        self._compile_mode = "default"  # compile()'s mode (COMPILE_MODES)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -469,7 +482,7 @@ class Transformer(nn.Module):
         self.rope = precompute_rope(self.params, max_seq_len, dtype, device)
         self._workspace = None
 
-    def compile(self) -> str:
+    def compile(self, mode: str = "default") -> str:
         """``torch.compile`` the whole stack of layers as one graph: norms, projections, RoPE, residuals
         and MLPs fused and run from generated code, the packed matmuls as they are, and attention over
         the paged cache as one opaque op (``paged_attention``) reading the step's plan. The token count
@@ -481,7 +494,11 @@ class Transformer(nn.Module):
 
         Why the whole stack: at batch 1 a step's ~80 small eager operations a layer cost about as much as
         its matmuls (SmolLM2, 2 CPU threads, context 32: 8.3 -> 6.3 ms a token compiled); compiling each
-        layer's parts apart saved only 3-4%, the 60 compiled calls' own overhead eating the fusion's gain."""
+        layer's parts apart saved only 3-4%, the 60 compiled calls' own overhead eating the fusion's gain.
+
+        ``mode`` "max-autotune" (``COMPILE_MODES``): GEMM templates timed against the ATen kernels."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
         # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
@@ -494,11 +511,15 @@ class Transformer(nn.Module):
         # Without inductor's size asserts: the generated wrapper checks the sizes and strides of every
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
-        self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True,
-                                              options={"size_asserts": False})
+        options: dict[str, object] = {"size_asserts": False}
+        if mode == "max-autotune":
+            options["max_autotune"] = True
+        self._compile_mode = mode
+        self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
                          "over a view of it, batched decode on short contexts over block tables), dynamic token "
-                         "count")
+                         "count" + ("; max-autotune: GEMM templates timed against ATen, weights frozen"
+                                    if mode == "max-autotune" else ""))
         return self.compiled
 
     @torch.inference_mode()
@@ -514,11 +535,27 @@ class Transformer(nn.Module):
         in_order = list(range(-(-(prompt + 1) // size)))
         if max(len(in_order), 2) > self.num_blocks or max(prompt, size) + 1 > self.max_seq_len:
             return  # a toy pool: its steps compile when they first run
-        tokens = torch.zeros(prompt, dtype=torch.long)
-        self(Batch(tokens, [in_order], [0], [prompt]))
-        self(Batch(tokens[:1], [in_order], [prompt], [1]))
-        self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
-        self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
+        # "max-autotune": inductor's freezing (the weights as constants, which its GEMM templates need)
+        # is read when a graph is built, so it is on while these build every graph, and off after: a graph
+        # built later (a shape never seen here) runs the ATen kernels, as the default mode does. Frozen
+        # graphs are not cached: torch 2.13's caches key them on the weights' shapes, not their values, and
+        # a restart on other weights of the same shapes got the first weights' graphs back (tested).
+        frozen = self._compile_mode == "max-autotune"
+        caches = {} if not frozen else {"fx_graph_cache": False, "autotune_local_cache": False}
+        with torch._inductor.config.patch(freezing=frozen, **caches), \
+                torch._functorch.config.patch(enable_autograd_cache=not frozen and
+                                              torch._functorch.config.enable_autograd_cache):
+            tokens = torch.zeros(prompt, dtype=torch.long)
+            self(Batch(tokens, [in_order], [0], [prompt]))
+            self(Batch(tokens[:1], [in_order], [prompt], [1]))
+            self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
+            if self._compile_mode == "max-autotune":  # timed at many rows; several rows all write block 1
+                rows = AUTOTUNE_DECODE_ROWS
+                self(Batch(torch.zeros(rows, dtype=torch.long), [[1, 0]] * rows, [size] * rows, [1] * rows))
+            self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
+            self._warm_up_int8_rows(tokens, in_order, prompt)
+
+    def _warm_up_int8_rows(self, tokens: torch.Tensor, in_order: list[int], prompt: int) -> None:
         if any(getattr(module, "int8_rows_key", None) is not None for module in self.modules()):
             # --packed-activations int8: steps of INT8_MIN_ROWS+ rows take other graphs than smaller ones.
             self(Batch(tokens[:2], [in_order], [0], [2]))  # a short prompt
@@ -555,6 +592,8 @@ class Transformer(nn.Module):
         """The compiled layers on ``h``: batch-1 decode over consecutive blocks through the view graph,
         decode steps of several sequences up to TABLES_MAX_CONTEXT through the tables graph, any other
         step through the op graphs, with ``plan`` where the attention op reads it."""
+        if self._compile_mode == "max-autotune":  # the templates need a static inner dimension
+            torch._dynamo.mark_static(h, 1)
         if isinstance(plan.decode_blocks, slice) and plan.decode_only and plan.decode_len >= 2:
             first_row = plan.decode_blocks.start * self.block_size
             return self._compiled_layers(h, rope, plan.cache_rows, (first_row + 2, plan.decode_len))

@@ -55,6 +55,7 @@ class LoadOptions:
     kv_block_size: int = 16
     compile: bool = False
     packed_activations: str = "bfloat16"
+    compile_mode: str = "default"  # model.COMPILE_MODES
     threads: int = 0  # --threads: intra-op CPU threads of all ranks together (0: the cores this process may use)
 
     def build(self, device: str | None = None) -> Any:
@@ -64,7 +65,7 @@ class LoadOptions:
                      max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, seed=self.seed,
                      quantize=self.quantize, kv_cache_tokens=self.kv_cache_tokens,
                      kv_block_size=self.kv_block_size, compile=self.compile,
-                     packed_activations=self.packed_activations)
+                     packed_activations=self.packed_activations, compile_mode=self.compile_mode)
 
 
 def _comm_device(model_device: torch.device) -> torch.device:
