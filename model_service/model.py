@@ -512,8 +512,9 @@ class Transformer(nn.Module):
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
         options: dict[str, object] = {"size_asserts": False}
-        if mode == "max-autotune":
-            options["max_autotune"] = True
+        if mode == "max-autotune":  # its timing tables stay off stderr: the service logs JSON lines
+            options |= {"max_autotune": True, "autotune_num_choices_displayed": 0,
+                        "max_autotune_report_choices_stats": False}
         self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
