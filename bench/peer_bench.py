@@ -45,6 +45,7 @@ from llama_grpc_devtools.process import ServiceProcess  # noqa: E402
 from llama_grpc_stubs.common.v1 import common_pb2  # noqa: E402
 from llama_grpc_stubs.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from llama_grpc_stubs.model.v1 import model_pb2, model_pb2_grpc  # noqa: E402
+from model_service.model import COMPILE_MODES  # noqa: E402
 
 PEER_PYTHON = Path(os.environ.get("LLAMA_PEERS_VENV", ROOT / ".peers" / "venv")) / "bin" / "python"
 QUESTION = "Write a long story about a lighthouse keeper."
@@ -135,7 +136,7 @@ def in_process(path: Path, ids: dict[int, list[int]], new_tokens: int, dtype: st
 
     max_streams = max(STREAMS)
     loaded = build(path, max_batch_size=max_streams, max_seq_len=1024 + new_tokens + 8, dtype=dtype, compile=compile,
-                   packed_activations=packed_activations, compile_mode=compile_mode if compile else "default")
+                   packed_activations=packed_activations, compile_mode=compile_mode)
     model = loaded.model
     row: dict = {"quantization": loaded.info.quantization}
 
@@ -328,7 +329,7 @@ def main() -> None:
                         help="what llama-grpc's int4/int8 kernels multiply (the service default: bfloat16, one call; "
                              "float32: two bfloat16 halves and the scales' rounding, exact and slower; int8: steps "
                              "of 5+ rows through fbgemm's int8 kernel)")
-    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"],
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="llama-grpc's --compile-mode (compiled runs only; max-autotune: GEMM templates)")
     parser.add_argument("--model-threads", type=int, default=0,
                         help="the model service's --threads (0: its default, the cores it may use)")

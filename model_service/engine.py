@@ -34,7 +34,7 @@ from llama_grpc_runtime.errors import (
 from .options import Constraint, check_output, check_stopping
 from .runner import LocalRunner, Runner
 from .sampling import SamplingParams, SamplingRow, new_generator, sample, token_logprobs
-from .scheduler import FinishReason, Scheduler, Sequence, Status, StepPlan, Work
+from .scheduler import FinishReason, Scheduler, Sequence, StepPlan, Work
 
 __all__ = ["Engine", "FinishReason", "GenerationChunk", "GenerationRequest", "GenerationStream", "Load",
            "LocalRunner", "Runner", "TokenAlternatives"]
@@ -563,13 +563,10 @@ class Engine:
         for req in arrivals:
             twin = self._live_twin(req) if self.prefix_cache else None
             if twin is None:
-                self._requests[req.seq] = req
-                self.scheduler.add(req.seq)
+                self._schedule([req])
             elif twin.seq.prefilled:  # decoding: its prompt blocks are in the cache now
-                for each in (req, *req.siblings):
-                    self._requests[each.seq] = each
-                    self.scheduler.fork(twin.seq, each.seq, first=False)  # in line as it arrived
-                req.siblings = []
+                group, req.siblings = [req, *req.siblings], []
+                self._schedule(group, parent=twin.seq, first=False)  # in line as it arrived
             else:  # waiting or part-way through its prompt: fork when it is cached (or compute it if the twin ends)
                 twin.siblings += [req, *req.siblings]
                 req.siblings = []
@@ -599,10 +596,10 @@ class Engine:
         if req.want_prompt_logprobs or req.internal:
             return None
         seq = req.seq
-        for other in self._requests.values():
+        for other in self._requests.values():  # live ones: _finish takes a request out
             twin = other.seq
             if (twin.prompt_len == seq.prompt_len and not other.internal and not other.cancelled
-                    and twin.status is not Status.FINISHED and twin.tokens[:twin.prompt_len] == seq.tokens):
+                    and twin.tokens[:twin.prompt_len] == seq.tokens):
                 return other
         return None
 
@@ -775,13 +772,17 @@ class Engine:
         self._outbox.append((req, chunk))
 
     def _release_siblings(self, req: _Request, fork: bool) -> None:
-        for sibling in req.siblings:
-            self._requests[sibling.seq] = sibling
-            if fork:
-                self.scheduler.fork(req.seq, sibling.seq)
+        siblings, req.siblings = req.siblings, []
+        self._schedule(siblings, parent=req.seq if fork else None)
+
+    def _schedule(self, reqs: list[_Request], parent: Sequence | None = None, first: bool = True) -> None:
+        """Hand requests to the scheduler: new (``parent`` None), or forks of ``parent``'s cached prompt."""
+        for req in reqs:
+            self._requests[req.seq] = req
+            if parent is None:
+                self.scheduler.add(req.seq)
             else:
-                self.scheduler.add(sibling.seq)
-        req.siblings = []
+                self.scheduler.fork(parent, req.seq, first=first)
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []

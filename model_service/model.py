@@ -542,15 +542,14 @@ class Transformer(nn.Module):
         # graphs are not cached: torch 2.13's caches key them on the weights' shapes, not their values, and
         # a restart on other weights of the same shapes got the first weights' graphs back (tested).
         frozen = self._compile_mode == "max-autotune"
-        caches = {} if not frozen else {"fx_graph_cache": False, "autotune_local_cache": False}
-        with torch._inductor.config.patch(freezing=frozen, **caches), \
-                torch._functorch.config.patch(enable_autograd_cache=not frozen and
-                                              torch._functorch.config.enable_autograd_cache):
+        inductor = {"freezing": True, "fx_graph_cache": False, "autotune_local_cache": False} if frozen else {}
+        with torch._inductor.config.patch(inductor), \
+                torch._functorch.config.patch({"enable_autograd_cache": False} if frozen else {}):
             tokens = torch.zeros(prompt, dtype=torch.long)
             self(Batch(tokens, [in_order], [0], [prompt]))
             self(Batch(tokens[:1], [in_order], [prompt], [1]))
             self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
-            if self._compile_mode == "max-autotune":  # timed at many rows; several rows all write block 1
+            if frozen:  # max-autotune times the templates at many rows; several rows all write block 1
                 rows = AUTOTUNE_DECODE_ROWS
                 self(Batch(torch.zeros(rows, dtype=torch.long), [[1, 0]] * rows, [size] * rows, [1] * rows))
             self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
