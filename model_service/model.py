@@ -13,6 +13,7 @@ Differences from the reference, all for continuous batching:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import threading
@@ -25,7 +26,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from model_service.args import ModelArgs
-from model_service.quant import INT8_MIN_ROWS, FusedLinear
+from model_service.quant import INT8_MIN_ROWS, FusedLinear, _QuantLinear
 
 
 def _no_init(x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +311,10 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 # 38.5 -> 20.7 ms a step, 64 rows 122.5 -> 58.8, a 256-token prompt chunk 346 -> 76 ms; 4 rows 12.2 -> 13.3
 # (scratch A/B, README). Every start compiles (the timing runs; frozen graphs are not cached: warm_up_compiled).
 COMPILE_MODES = ("default", "max-autotune")
+# torch.compile's options for an autotuned graph; the timing tables stay off stderr (the service logs JSON lines).
+AUTOTUNE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# Inductor's config while autotuned graphs are built (``Transformer._autotuning``).
+_FROZEN_INDUCTOR = {"freezing": True, "fx_graph_cache": False, "autotune_local_cache": False}
 # The rows the tables graph is first run with under "max-autotune": the autotuner times the candidates at
 # the size a graph is first built for, and a decode step of many rows is what the templates are for.
 AUTOTUNE_DECODE_ROWS = 16
@@ -459,6 +464,8 @@ class Transformer(nn.Module):
         self.compiled: str | None = None  # what compile() compiled (GetModelInfo.compile), None: eager
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
+        self._compiled_head = None  # compile(): the final norm and the output layer, a graph of their own
+        self._head_autotuned = False  # compile(): that graph built by max-autotune (frozen)
         self._compile_mode = "default"  # compile()'s mode (COMPILE_MODES)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
@@ -489,8 +496,8 @@ class Transformer(nn.Module):
         is dynamic, so one graph serves every step of two or more tokens (prompt chunks, batched decode,
         mixed) and one any other single-token step; batch-1 decode over consecutive blocks has its own
         (``_layers``' view), and so do decode steps of several sequences on short contexts (attention
-        over their block tables in the graph). ``warm_up_compiled`` compiles all four. Returns what runs
-        compiled (``GetModelInfo.compile``).
+        over their block tables in the graph). The final norm and the output layer are compiled apart
+        (``_head``). ``warm_up_compiled`` compiles them all. Returns what runs compiled (``GetModelInfo.compile``).
 
         Why the whole stack: at batch 1 a step's ~80 small eager operations a layer cost about as much as
         its matmuls (SmolLM2, 2 CPU threads, context 32: 8.3 -> 6.3 ms a token compiled); compiling each
@@ -508,19 +515,27 @@ class Transformer(nn.Module):
                 for name, child in module.named_children():
                     if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
                         setattr(module, name, FusedLinear(child.weight))
+        if isinstance(self.output, ColumnParallelLinear) and self.output.bias is None:
+            self.output = FusedLinear(self.output.weight)  # tied: the embeddings' own tensor
         # Without inductor's size asserts: the generated wrapper checks the sizes and strides of every
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
         options: dict[str, object] = {"size_asserts": False}
-        if mode == "max-autotune":  # its timing tables stay off stderr: the service logs JSON lines
-            options |= {"max_autotune": True, "autotune_num_choices_displayed": 0,
-                        "max_autotune_report_choices_stats": False}
+        if mode == "max-autotune":
+            options |= AUTOTUNE_OPTIONS
         self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
+        # A packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
+        self._head_autotuned = mode == "max-autotune" or (isinstance(self.output, _QuantLinear)
+                                                          and self.device.type == "cpu")
+        self._compiled_head = torch.compile(self._head, dynamic=True, fullgraph=True,
+                                            options=options | (AUTOTUNE_OPTIONS if self._head_autotuned else {}))
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
                          "over a view of it, batched decode on short contexts over block tables), dynamic token "
-                         "count" + ("; max-autotune: GEMM templates timed against ATen, weights frozen"
-                                    if mode == "max-autotune" else ""))
+                         "count; the final norm and output layer a graph of their own"
+                         + (" (autotuned: GEMM templates timed against ATen)" if self._head_autotuned else "")
+                         + ("; max-autotune: GEMM templates timed against ATen, weights frozen"
+                            if mode == "max-autotune" else ""))
         return self.compiled
 
     @torch.inference_mode()
@@ -528,8 +543,8 @@ class Transformer(nn.Module):
         """Compile every graph a step can need, before serving: a prompt (several tokens), one sequence
         decoding over consecutive blocks (the view graph) and over blocks out of order (one token through
         the op), two sequences decoding (the tables graph); with int8 rows (``--packed-activations int8``)
-        the prompt and tables graphs again on either side of ``INT8_MIN_ROWS``. They write the first
-        blocks of the pool, which hold nothing yet."""
+        the prompt and tables graphs again on either side of ``INT8_MIN_ROWS``; the head's, for one row
+        and for many. They write the first blocks of the pool, which hold nothing yet."""
         if self._compiled_layers is None or self.rope is None:
             return
         prompt, size = 8, self.block_size
@@ -541,10 +556,12 @@ class Transformer(nn.Module):
         # built later (a shape never seen here) runs the ATen kernels, as the default mode does. Frozen
         # graphs are not cached: torch 2.13's caches key them on the weights' shapes, not their values, and
         # a restart on other weights of the same shapes got the first weights' graphs back (tested).
+        if self._head_autotuned:  # its graphs first: one row (batch-1 decode, prompts), and many
+            with self._autotuning(True):
+                for rows in (1, AUTOTUNE_DECODE_ROWS):
+                    self._run_head(self.tok_embeddings(torch.zeros(rows, dtype=torch.long, device=self.device)))
         frozen = self._compile_mode == "max-autotune"
-        inductor = {"freezing": True, "fx_graph_cache": False, "autotune_local_cache": False} if frozen else {}
-        with torch._inductor.config.patch(inductor), \
-                torch._functorch.config.patch({"enable_autograd_cache": False} if frozen else {}):
+        with self._autotuning(frozen):
             tokens = torch.zeros(prompt, dtype=torch.long)
             self(Batch(tokens, [in_order], [0], [prompt]))
             self(Batch(tokens[:1], [in_order], [prompt], [1]))
@@ -554,6 +571,16 @@ class Transformer(nn.Module):
                 self(Batch(torch.zeros(rows, dtype=torch.long), [[1, 0]] * rows, [size] * rows, [1] * rows))
             self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
             self._warm_up_int8_rows(tokens, in_order, prompt)
+
+    @staticmethod
+    def _autotuning(on: bool) -> contextlib.AbstractContextManager:
+        """Inductor's config for building autotuned graphs: freezing on, their caches off (see above)."""
+        if not on:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch._inductor.config.patch(_FROZEN_INDUCTOR))
+        stack.enter_context(torch._functorch.config.patch({"enable_autograd_cache": False}))
+        return stack
 
     def _warm_up_int8_rows(self, tokens: torch.Tensor, in_order: list[int], prompt: int) -> None:
         if any(getattr(module, "int8_rows_key", None) is not None for module in self.modules()):
@@ -665,4 +692,20 @@ class Transformer(nn.Module):
             h = self._run_compiled(h, rope, plan)
         if not all_logits:
             h = h[plan.last_rows]  # only the rows we need logits for: the output layer is the largest
+        return self._head(h) if self._compiled_head is None else self._run_head(h)
+
+    def _run_head(self, h: torch.Tensor) -> torch.Tensor:
+        if self._head_autotuned:  # the templates need a static inner dimension
+            torch._dynamo.mark_static(h, 1)
+        if h.shape[0] > 1:  # one graph for every count of two or more rows
+            torch._dynamo.maybe_mark_dynamic(h, 0)
+        return self._compiled_head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states ``h`` [n, dim]: the final norm and the output layer. Compiled
+        apart from the layers (``compile``), since a prompt chunk's rows but its last need none: the norm
+        fuses, and a packed output layer on a CPU gets inductor's GEMM template where it is faster, in
+        every compile mode (max-autotune on this graph only, frozen: ``warm_up_compiled``). SmolLM2's output layer (its tied Q8_0 embeddings as per-row int8), 2 CPU threads with AMX:
+        ATen's int8 kernel multiplies row by row, 16 rows 7.7 ms, 64 rows 31.9; the template 1.6 and 3.3
+        (1 row: 1.07 -> 0.82 ms; scratch microbenchmark, README)."""
         return self.output(self.norm(h)).float()
