@@ -315,6 +315,11 @@ COMPILE_MODES = ("default", "max-autotune")
 AUTOTUNE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 # Inductor's config while autotuned graphs are built (``Transformer._autotuning``).
 _FROZEN_INDUCTOR = {"freezing": True, "fx_graph_cache": False, "autotune_local_cache": False}
+# A packed output layer up to this size is autotuned in the default mode too (``Transformer._head``). Each
+# of its two frozen graphs keeps the template's repacked copy of the matrix: SmolLM2's 28 MB int8 head
+# +68 MB resident for both (the one-row graph +27 MB, the many-row one +42 MB); a larger head only
+# under "max-autotune".
+HEAD_AUTOTUNE_MAX_BYTES = 64 * 2**20
 # The rows the tables graph is first run with under "max-autotune": the autotuner times the candidates at
 # the size a graph is first built for, and a decode step of many rows is what the templates are for.
 AUTOTUNE_DECODE_ROWS = 16
@@ -525,9 +530,10 @@ class Transformer(nn.Module):
             options |= AUTOTUNE_OPTIONS
         self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
-        # A packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
-        self._head_autotuned = mode == "max-autotune" or (isinstance(self.output, _QuantLinear)
-                                                          and self.device.type == "cpu")
+        # A small packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
+        head_bytes = sum(b.numel() * b.element_size() for b in self.output.buffers())
+        self._head_autotuned = mode == "max-autotune" or (isinstance(self.output, _QuantLinear) and self.device.type
+                                                          == "cpu" and head_bytes <= HEAD_AUTOTUNE_MAX_BYTES)
         self._compiled_head = torch.compile(self._head, dynamic=True, fullgraph=True,
                                             options=options | (AUTOTUNE_OPTIONS if self._head_autotuned else {}))
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
@@ -705,7 +711,8 @@ class Transformer(nn.Module):
         """float32 logits of hidden states ``h`` [n, dim]: the final norm and the output layer. Compiled
         apart from the layers (``compile``), since a prompt chunk's rows but its last need none: the norm
         fuses, and a packed output layer on a CPU gets inductor's GEMM template where it is faster, in
-        every compile mode (max-autotune on this graph only, frozen: ``warm_up_compiled``). SmolLM2's output layer (its tied Q8_0 embeddings as per-row int8), 2 CPU threads with AMX:
+        every compile mode up to ``HEAD_AUTOTUNE_MAX_BYTES`` (max-autotune on this graph only, frozen:
+        ``warm_up_compiled``). SmolLM2's output layer (its tied Q8_0 embeddings as per-row int8), 2 CPU threads with AMX:
         ATen's int8 kernel multiplies row by row, 16 rows 7.7 ms, 64 rows 31.9; the template 1.6 and 3.3
         (1 row: 1.07 -> 0.82 ms; scratch microbenchmark, README)."""
         return self.output(self.norm(h)).float()

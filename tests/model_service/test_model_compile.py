@@ -158,6 +158,19 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize, 
         torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol, msg=lambda m, i=i: f"step {i}: {m}")
 
 
+def test_a_packed_output_layer_is_autotuned_by_default_up_to_its_size_limit(tiny_checkpoints, monkeypatch):
+    # Its frozen graphs keep repacked copies of the matrix (HEAD_AUTOTUNE_MAX_BYTES): a larger packed head,
+    # or a float one, stays on the ATen kernel in the default mode.
+    def head_autotuned(quantize: str) -> bool:
+        model = build(tiny_checkpoints["hf"], max_batch_size=2, max_seq_len=64, quantize=quantize, compile=True).model
+        assert model._head_autotuned == ("(autotuned" in model.compiled)
+        return model._head_autotuned
+
+    assert head_autotuned("int4") and not head_autotuned("none")
+    monkeypatch.setattr(model_module, "HEAD_AUTOTUNE_MAX_BYTES", 1024)  # tiny's int4 head: 512 x 64 packed
+    assert not head_autotuned("int4")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "max-autotune"])
 def test_frozen_graphs_follow_the_weights_they_are_built_for(tmp_path, monkeypatch, mode):
