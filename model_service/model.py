@@ -17,6 +17,7 @@ import contextlib
 import math
 import mmap
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -514,14 +515,11 @@ class Transformer(nn.Module):
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
         # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
-        # cannot trace (mark_dirty): the same weights as F.linear.
-        for layer in self.layers:
-            for module in (layer.attention, layer.feed_forward):
-                for name, child in module.named_children():
-                    if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
-                        setattr(module, name, FusedLinear(child.weight))
-        if isinstance(self.output, ColumnParallelLinear) and self.output.bias is None:
-            self.output = FusedLinear(self.output.weight)  # tied: the embeddings' own tensor
+        # cannot trace (mark_dirty): the same weights as F.linear (a tied output layer: the embeddings' tensor).
+        for module in (self, *(part for layer in self.layers for part in (layer.attention, layer.feed_forward))):
+            for name, child in module.named_children():
+                if isinstance(child, (ColumnParallelLinear, RowParallelLinear)) and child.bias is None:
+                    setattr(module, name, FusedLinear(child.weight))
         # Without inductor's size asserts: the generated wrapper checks the sizes and strides of every
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
@@ -531,9 +529,9 @@ class Transformer(nn.Module):
         self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
         # A small packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
-        head_bytes = sum(b.numel() * b.element_size() for b in self.output.buffers())
-        self._head_autotuned = mode == "max-autotune" or (isinstance(self.output, _QuantLinear) and self.device.type
-                                                          == "cpu" and head_bytes <= HEAD_AUTOTUNE_MAX_BYTES)
+        small_packed_head = (isinstance(self.output, _QuantLinear) and self.device.type == "cpu"
+                             and sum(b.nbytes for b in self.output.buffers()) <= HEAD_AUTOTUNE_MAX_BYTES)
+        self._head_autotuned = mode == "max-autotune" or small_packed_head
         self._compiled_head = torch.compile(self._head, dynamic=True, fullgraph=True,
                                             options=options | (AUTOTUNE_OPTIONS if self._head_autotuned else {}))
         self.compiled = ("all layers as one graph (attention over the paged cache an opaque op; batch-1 decode "
@@ -579,14 +577,12 @@ class Transformer(nn.Module):
             self._warm_up_int8_rows(tokens, in_order, prompt)
 
     @staticmethod
-    def _autotuning(on: bool) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _autotuning(on: bool) -> Iterator[None]:
         """Inductor's config for building autotuned graphs: freezing on, their caches off (see above)."""
-        if not on:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch._inductor.config.patch(_FROZEN_INDUCTOR))
-        stack.enter_context(torch._functorch.config.patch({"enable_autograd_cache": False}))
-        return stack
+        with torch._inductor.config.patch(_FROZEN_INDUCTOR if on else {}), \
+                torch._functorch.config.patch({"enable_autograd_cache": False} if on else {}):
+            yield
 
     def _warm_up_int8_rows(self, tokens: torch.Tensor, in_order: list[int], prompt: int) -> None:
         if any(getattr(module, "int8_rows_key", None) is not None for module in self.modules()):
