@@ -14,6 +14,7 @@ Differences from the reference, all for continuous batching:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import mmap
 import threading
@@ -310,12 +311,14 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 # built in; they need the packed weights as constants (inductor's freezing) and a static hidden width. On a
 # CPU with AMX its int4 template multiplies 16+ rows on AMX tiles: SmolLM2 (2 threads) 16 decoding rows
 # 38.5 -> 20.7 ms a step, 64 rows 122.5 -> 58.8, a 256-token prompt chunk 346 -> 76 ms; 4 rows 12.2 -> 13.3
-# (scratch A/B, README). Every start compiles (the timing runs; frozen graphs are not cached: warm_up_compiled).
+# (scratch A/B, README). Only graphs of many rows are frozen (prompts, batched decode): at one row the ATen
+# kernel is as fast, and each frozen graph keeps its own repacked copy of the weights. The frozen graphs are
+# cached under a fingerprint of the weights (``Transformer._autotuning``).
 COMPILE_MODES = ("default", "max-autotune")
 # torch.compile's options for an autotuned graph; the timing tables stay off stderr (the service logs JSON lines).
 AUTOTUNE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 # Inductor's config while autotuned graphs are built (``Transformer._autotuning``).
-_FROZEN_INDUCTOR = {"freezing": True, "fx_graph_cache": False, "autotune_local_cache": False}
+_FROZEN_INDUCTOR = {"freezing": True}
 # A packed output layer up to this size is autotuned in the default mode too (``Transformer._head``). Each
 # of its two frozen graphs keeps the template's repacked copy of the matrix: SmolLM2's 28 MB int8 head
 # +68 MB resident for both (the one-row graph +27 MB, the many-row one +42 MB); a larger head only
@@ -473,6 +476,7 @@ class Transformer(nn.Module):
         self._compiled_head = None  # compile(): the final norm and the output layer, a graph of their own
         self._head_autotuned = False  # compile(): that graph built by max-autotune (frozen)
         self._compile_mode = "default"  # compile()'s mode (COMPILE_MODES)
+        self._fingerprint: str | None = None  # _weights_fingerprint(), once computed
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
                      device: torch.device | str, *, num_blocks: int | None = None, block_size: int = 16) -> None:
@@ -556,33 +560,52 @@ class Transformer(nn.Module):
         if max(len(in_order), 2) > self.num_blocks or max(prompt, size) + 1 > self.max_seq_len:
             return  # a toy pool: its steps compile when they first run
         # "max-autotune": inductor's freezing (the weights as constants, which its GEMM templates need)
-        # is read when a graph is built, so it is on while these build every graph, and off after: a graph
-        # built later (a shape never seen here) runs the ATen kernels, as the default mode does. Frozen
-        # graphs are not cached: torch 2.13's caches key them on the weights' shapes, not their values, and
-        # a restart on other weights of the same shapes got the first weights' graphs back (tested).
+        # is read when a graph is built, so it is on while these build the graphs of many rows, and off
+        # for the one-row graphs and after: a graph built later (a shape never seen here) runs the ATen
+        # kernels, as the default mode does.
         if self._head_autotuned:  # its graphs first: one row (batch-1 decode, prompts), and many
             with self._autotuning(True):
                 for rows in (1, AUTOTUNE_DECODE_ROWS):
                     self._run_head(self.tok_embeddings(torch.zeros(rows, dtype=torch.long, device=self.device)))
         frozen = self._compile_mode == "max-autotune"
+        tokens = torch.zeros(prompt, dtype=torch.long)
         with self._autotuning(frozen):
-            tokens = torch.zeros(prompt, dtype=torch.long)
             self(Batch(tokens, [in_order], [0], [prompt]))
-            self(Batch(tokens[:1], [in_order], [prompt], [1]))
-            self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
             if frozen:  # max-autotune times the templates at many rows; several rows all write block 1
                 rows = AUTOTUNE_DECODE_ROWS
                 self(Batch(torch.zeros(rows, dtype=torch.long), [[1, 0]] * rows, [size] * rows, [1] * rows))
             self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
             self._warm_up_int8_rows(tokens, in_order, prompt)
+        # One row: the ATen kernels in every mode (SmolLM2, 2 CPU threads with AMX: 8.4 ms a batch-1 step
+        # on them, 8.2 frozen on the template, which would add ~45 MB and ~1 min of compiling a graph).
+        self(Batch(tokens[:1], [in_order], [prompt], [1]))
+        self(Batch(tokens[:1], [[1, 0]], [size], [1]))  # position ``size`` lies in the second block, 0
 
-    @staticmethod
     @contextlib.contextmanager
-    def _autotuning(on: bool) -> Iterator[None]:
-        """Inductor's config for building autotuned graphs: freezing on, their caches off (see above)."""
-        with torch._inductor.config.patch(_FROZEN_INDUCTOR if on else {}), \
-                torch._functorch.config.patch({"enable_autograd_cache": False} if on else {}):
+    def _autotuning(self, on: bool) -> Iterator[None]:
+        """Inductor's config for building autotuned graphs: freezing on, and the compile caches keyed on
+        these weights. A frozen graph holds the weights as constants, but torch 2.13's caches key it on
+        their shapes only: a restart on other weights of the same shapes got the first weights' graphs
+        back (tested), so the weights' fingerprint goes into every cache key (``cache_key_tag``)."""
+        if not on:
             yield
+            return
+        with torch._inductor.config.patch(_FROZEN_INDUCTOR), \
+                torch.compiler.config.patch(cache_key_tag=f"frozen-weights-{self._weights_fingerprint()}"):
+            yield
+
+    def _weights_fingerprint(self) -> str:
+        """A digest of every weight a frozen graph can hold (not the KV cache): SmolLM2 0.17 s, once."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            caches = {id(buffer) for module in self.modules() if isinstance(module, KVCache)
+                      for buffer in module.buffers()}
+            for name, tensor in (*self.named_parameters(), *self.named_buffers()):
+                if id(tensor) not in caches and tensor is not None:
+                    digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+                    digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def _warm_up_int8_rows(self, tokens: torch.Tensor, in_order: list[int], prompt: int) -> None:
         if any(getattr(module, "int8_rows_key", None) is not None for module in self.modules()):

@@ -135,8 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="with --compile: 'max-autotune' times inductor's C++ GEMM templates against the ATen "
                          "kernels for the packed int4 matmuls and builds in the faster (the weights frozen into the "
                          "graphs). On a CPU with AMX, SmolLM2 on 2 cores: 16 decoding rows ~45%% faster a step, 64 "
-                         "rows ~50%%, prompt chunks ~4x; 2-4 rows ~9%% slower; every start compiles (~4 min on 2 cores: frozen "
-                         "graphs are not cached) and the process holds ~300 MB more")
+                         "rows ~50%%, prompt chunks ~4x; the first start compiles ~4 min on 2 cores, a restart ~75 s (the "
+                         "frozen graphs cached under a fingerprint of the weights); the process holds ~200 MB more")
     parser.add_flag("--threads", type=int, default=0,
                     help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: "
                          "OMP_NUM_THREADS if set, else the cores this process may use: its CPU affinity, capped "

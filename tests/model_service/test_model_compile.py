@@ -176,19 +176,31 @@ def test_a_packed_output_layer_is_autotuned_by_default_up_to_its_size_limit(tiny
 def test_frozen_graphs_follow_the_weights_they_are_built_for(tmp_path, monkeypatch, mode):
     """Frozen graphs hold the weights as constants: two checkpoints of the same shapes, built one after the
     other with one compile cache, must each give their own eager logits (torch 2.13's graph caches key a
-    frozen graph on the weights' shapes only, so a cached graph would bring the first one's weights back).
-    max-autotune freezes every graph; the default mode a packed output layer's (``Transformer._head``)."""
+    frozen graph on the weights' shapes only, so a cached graph would bring the first one's weights back),
+    and building the first again (a restart) loads its frozen graphs from the cache instead of compiling
+    them. max-autotune freezes the graphs of many rows; the default mode a packed output layer's
+    (``Transformer._head``)."""
+    from torch._dynamo.utils import counters
+
     from llama_grpc_devtools.make_checkpoint import write_checkpoint
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     prompt = Batch(torch.arange(1, 10), [[0]], [0], [9])
-    for seed in (1, 2):
-        path = write_checkpoint(tmp_path / f"seed{seed}", "hf", preset="tiny", seed=seed, dtype=torch.float32)
+    paths = {seed: write_checkpoint(tmp_path / f"seed{seed}", "hf", preset="tiny", seed=seed, dtype=torch.float32)
+             for seed in (1, 2)}
+    hits = []
+    for seed in (1, 2, 1):
         logits = {}
         for compile in (False, True):
             torch._dynamo.reset()
-            model = build(path, max_batch_size=2, max_seq_len=64, quantize="int4", compile=compile,
+            counters.clear()
+            model = build(paths[seed], max_batch_size=2, max_seq_len=64, quantize="int4", compile=compile,
                           compile_mode=mode).model
             logits[compile] = model(prompt, all_logits=True)
+        hits.append(counters["inductor"]["fxgraph_cache_hit"])
         # As in the test above: a last-bit difference may become a bfloat16 step (measured here: <= 0.032).
         torch.testing.assert_close(logits[True], logits[False], rtol=5e-2, atol=5e-2)
+    # The second checkpoint's frozen graphs were not the first's; the first's again were all cached (its
+    # unfrozen graphs are the second's, cached by then as well).
+    graphs = counters["inductor"]["fxgraph_cache_hit"] + counters["inductor"]["fxgraph_cache_miss"]
+    assert hits[1] < graphs and hits[2] == graphs, (hits, graphs)
