@@ -329,7 +329,7 @@ def main() -> None:
                         help="what llama-grpc's int4/int8 kernels multiply (the service default: bfloat16, one call; "
                              "float32: two bfloat16 halves and the scales' rounding, exact and slower; int8: steps "
                              "of 5+ rows through fbgemm's int8 kernel)")
-    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+    parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                         help="llama-grpc's --compile-mode (compiled runs only; max-autotune: GEMM templates)")
     parser.add_argument("--model-threads", type=int, default=0,
                         help="the model service's --threads (0: its default, the cores it may use)")
@@ -359,7 +359,7 @@ def main() -> None:
         from model_service.server import parse_args
 
         ns.compile = parse_args([]).compile
-    if ns.compile_mode != "default":
+    if ns.compile_mode != "auto":
         model_args += ["--compile-mode", ns.compile_mode]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {checkpoint.name}, "
           f"{ns.new_tokens} new tokens per stream, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)

@@ -313,8 +313,14 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 # 38.5 -> 20.7 ms a step, 64 rows 122.5 -> 58.8, a 256-token prompt chunk 346 -> 76 ms; 4 rows 12.2 -> 13.3
 # (scratch A/B, README). Only graphs of many rows are frozen (prompts, batched decode): at one row the ATen
 # kernel is as fast, and each frozen graph keeps its own repacked copy of the weights. The frozen graphs are
-# cached under a fingerprint of the weights (``Transformer._autotuning``).
-COMPILE_MODES = ("default", "max-autotune")
+# cached under a fingerprint of the weights (``Transformer._autotuning``). "auto" (the service's default,
+# ``Transformer.auto_compile_mode``): "max-autotune" where it was measured to pay, a CPU with AMX running
+# packed layers of up to AUTO_AUTOTUNE_MAX_BYTES, else "default".
+COMPILE_MODES = ("auto", "default", "max-autotune")
+# "auto" autotunes packed layers up to this size: each of the two frozen layer graphs keeps a repacked copy
+# (SmolLM2's 64 MB of packed layers: +183 MB resident, 853 -> 1,036 MB after loading), so a 1B model's
+# ~0.7 GB would cost ~1.5 GB; larger models only under an explicit "max-autotune".
+AUTO_AUTOTUNE_MAX_BYTES = 256 * 2**20
 # torch.compile's options for an autotuned graph; the timing tables stay off stderr (the service logs JSON lines).
 AUTOTUNE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 # Inductor's config while autotuned graphs are built (``Transformer._autotuning``).
@@ -513,9 +519,11 @@ class Transformer(nn.Module):
         its matmuls (SmolLM2, 2 CPU threads, context 32: 8.3 -> 6.3 ms a token compiled); compiling each
         layer's parts apart saved only 3-4%, the 60 compiled calls' own overhead eating the fusion's gain.
 
-        ``mode`` "max-autotune" (``COMPILE_MODES``): GEMM templates timed against the ATen kernels."""
+        ``mode`` "max-autotune" (``COMPILE_MODES``): GEMM templates timed against the ATen kernels; "auto":
+        ``auto_compile_mode``'s choice."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+        chosen = self.auto_compile_mode() if mode == "auto" else mode
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
         # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
@@ -528,9 +536,9 @@ class Transformer(nn.Module):
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
         options: dict[str, object] = {"size_asserts": False}
-        if mode == "max-autotune":
+        if chosen == "max-autotune":
             options |= AUTOTUNE_OPTIONS
-        self._compile_mode = mode
+        self._compile_mode = mode = chosen
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
         # A small packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
         small_packed_head = (isinstance(self.output, _QuantLinear) and self.device.type == "cpu"
@@ -545,6 +553,17 @@ class Transformer(nn.Module):
                          + ("; max-autotune: GEMM templates timed against ATen, weights frozen"
                             if mode == "max-autotune" else ""))
         return self.compiled
+
+    def auto_compile_mode(self) -> str:
+        """The mode "auto" compiles in: "max-autotune" on a CPU with AMX tiles whose layers are packed (int4
+        / int8) and hold at most AUTO_AUTOTUNE_MAX_BYTES, where its templates were measured (SmolLM2, 2
+        threads: 16 decoding rows 32.4 -> 15.7 ms a step, 64 rows ~105 -> 33.9, a 256-token prompt chunk
+        403 -> 79 ms, one row 9.2 -> 7.1; README); "default" elsewhere (AVX2 / AVX-512 without AMX, float
+        layers, a GPU: not measured to pay)."""
+        packed = sum(b.nbytes for layer in self.layers for module in layer.modules()
+                     if isinstance(module, _QuantLinear) for b in module.buffers())
+        amx = self.device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+        return "max-autotune" if amx and 0 < packed <= AUTO_AUTOTUNE_MAX_BYTES else "default"
 
     @torch.inference_mode()
     def warm_up_compiled(self) -> None:

@@ -131,8 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "rank where a C++ compiler is found). Compiled at start-up: ~3 min on 2 CPU cores the first "
                          "time, cached under $LLAMA_GRPC_CACHE/inductor so a restart takes ~45 s. SmolLM2 on 2 "
                          "cores: decode ~20%% faster at batch 1, ~10%% at 16; ~260 MB more resident memory")
-    parser.add_flag("--compile-mode", choices=COMPILE_MODES, default="default",
-                    help="with --compile: 'max-autotune' times inductor's C++ GEMM templates against the ATen "
+    parser.add_flag("--compile-mode", choices=COMPILE_MODES, default="auto",
+                    help="with --compile: 'auto' (default) is 'max-autotune' on a CPU with AMX for packed layers "
+                         "of up to 256 MiB (model.AUTO_AUTOTUNE_MAX_BYTES), else 'default'. "
+                         "'max-autotune' times inductor's C++ GEMM templates against the ATen "
                          "kernels for the packed int4 matmuls and builds in the faster (the weights frozen into the "
                          "graphs). On a CPU with AMX, SmolLM2 on 2 cores: 16 decoding rows ~45%% faster a step, 64 "
                          "rows ~50%%, prompt chunks ~4x; the first start compiles ~4 min on 2 cores, a restart ~75 s (the "
@@ -194,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.compile = args.device == "cpu" and blocker is None
     elif args.compile and blocker:
         parser.error(f"--compile: {blocker}")
-    if args.compile_mode != "default" and not args.compile:
+    if args.compile_mode == "max-autotune" and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} needs the compiled model (--compile)"
                      + (f", which is off here: {blocker}" if blocker else ""))
     return args

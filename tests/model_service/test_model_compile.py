@@ -81,6 +81,7 @@ def test_compile_flag_default_and_its_environment_twin(monkeypatch):
     assert shutil.which("g++"), "this machine's base image has g++ (inductor's CPU compiler)"
     assert config().compile  # default: on for a CPU model on one rank
     assert not config("--no-compile").compile
+    assert config().compile_mode == "auto" and config("--no-compile").compile_mode == "auto"
     assert config("--compile-mode", "max-autotune").compile_mode == "max-autotune"
     with pytest.raises(SystemExit):
         config("--no-compile", "--compile-mode", "max-autotune")  # a mode of the compiled model
@@ -156,6 +157,19 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize, 
             compiled = models[True](batch, all_logits=True)
         eager = models[False](batch, all_logits=True)
         torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol, msg=lambda m, i=i: f"step {i}: {m}")
+
+
+def test_auto_compile_mode_autotunes_small_packed_layers_on_a_cpu_with_amx(tiny_checkpoints, monkeypatch):
+    models = {quantize: build(tiny_checkpoints["hf"], max_batch_size=2, max_seq_len=64, quantize=quantize).model
+              for quantize in ("int4", "int8", "none")}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert [models[q].auto_compile_mode() for q in ("int4", "int8", "none")] == ["max-autotune"] * 2 + ["default"]
+    packed = sum(b.nbytes for layer in models["int4"].layers for b in layer.buffers() if b.dtype == torch.uint8)
+    monkeypatch.setattr(model_module, "AUTO_AUTOTUNE_MAX_BYTES", packed - 1)  # under the packed weights alone
+    assert models["int4"].auto_compile_mode() == "default"
+    monkeypatch.setattr(model_module, "AUTO_AUTOTUNE_MAX_BYTES", 2**40)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert models["int4"].auto_compile_mode() == "default"
 
 
 def test_a_packed_output_layer_is_autotuned_by_default_up_to_its_size_limit(tiny_checkpoints, monkeypatch):
