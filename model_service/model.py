@@ -557,8 +557,8 @@ class Transformer(nn.Module):
     def auto_compile_mode(self) -> str:
         """The mode "auto" compiles in: "max-autotune" on a CPU with AMX tiles whose layers are packed (int4
         / int8) and hold at most AUTO_AUTOTUNE_MAX_BYTES, where its templates were measured (SmolLM2, 2
-        threads: 16 decoding rows 32.4 -> 15.7 ms a step, 64 rows ~105 -> 33.9, a 256-token prompt chunk
-        403 -> 79 ms, one row 9.2 -> 7.1; README); "default" elsewhere (AVX2 / AVX-512 without AMX, float
+        threads: 16 decoding rows 32.4 -> 15.7 ms a step, 64 rows 105.6 -> 33.9, a 256-token prompt chunk
+        382 -> 79 ms, one row 9.2 -> 7.1; README); "default" elsewhere (AVX2 / AVX-512 without AMX, float
         layers, a GPU: not measured to pay)."""
         packed = sum(b.nbytes for layer in self.layers for module in layer.modules()
                      if isinstance(module, _QuantLinear) for b in module.buffers())
