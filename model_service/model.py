@@ -31,6 +31,12 @@ from model_service.args import ModelArgs
 from model_service.quant import INT8_MIN_ROWS, FusedLinear, _QuantLinear
 
 
+def _packed_bytes(module: nn.Module) -> int:
+    """Bytes of the packed (int4 / int8) linears in ``module``, itself included: what an autotuned graph
+    keeps a repacked copy of (``HEAD_AUTOTUNE_MAX_BYTES``, ``AUTO_AUTOTUNE_MAX_BYTES``)."""
+    return sum(b.nbytes for part in module.modules() if isinstance(part, _QuantLinear) for b in part.buffers())
+
+
 def _no_init(x: torch.Tensor) -> torch.Tensor:
     return x  # weights come from a checkpoint; random init of a large model would waste seconds
 
@@ -523,7 +529,7 @@ class Transformer(nn.Module):
         ``auto_compile_mode``'s choice."""
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
-        chosen = self.auto_compile_mode() if mode == "auto" else mode
+        mode = self.auto_compile_mode() if mode == "auto" else mode
         if fs_init.get_model_parallel_world_size() > 1:
             raise ValueError("--compile needs one rank: tensor parallelism's collectives run eager")
         # On one rank fairscale's float layers are plain linears behind autograd Functions that dynamo
@@ -536,13 +542,12 @@ class Transformer(nn.Module):
         # buffer it passes (~700 checks a SmolLM2 step, ~0.35 us each), its own assumptions, fixed once
         # compiled. Batch-1 greedy decode 4-8% faster a step (two processes interleaved, 24 rounds each way).
         options: dict[str, object] = {"size_asserts": False}
-        if chosen == "max-autotune":
+        if mode == "max-autotune":
             options |= AUTOTUNE_OPTIONS
-        self._compile_mode = mode = chosen
+        self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
         # A small packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
-        small_packed_head = (isinstance(self.output, _QuantLinear) and self.device.type == "cpu"
-                             and sum(b.nbytes for b in self.output.buffers()) <= HEAD_AUTOTUNE_MAX_BYTES)
+        small_packed_head = self.device.type == "cpu" and 0 < _packed_bytes(self.output) <= HEAD_AUTOTUNE_MAX_BYTES
         self._head_autotuned = mode == "max-autotune" or small_packed_head
         self._compiled_head = torch.compile(self._head, dynamic=True, fullgraph=True,
                                             options=options | (AUTOTUNE_OPTIONS if self._head_autotuned else {}))
@@ -560,10 +565,8 @@ class Transformer(nn.Module):
         threads: 16 decoding rows 32.4 -> 15.7 ms a step, 64 rows 105.6 -> 33.9, a 256-token prompt chunk
         382 -> 79 ms, one row 9.2 -> 7.1; README); "default" elsewhere (AVX2 / AVX-512 without AMX, float
         layers, a GPU: not measured to pay)."""
-        packed = sum(b.nbytes for layer in self.layers for module in layer.modules()
-                     if isinstance(module, _QuantLinear) for b in module.buffers())
         amx = self.device.type == "cpu" and torch.cpu._is_amx_tile_supported()
-        return "max-autotune" if amx and 0 < packed <= AUTO_AUTOTUNE_MAX_BYTES else "default"
+        return "max-autotune" if amx and 0 < _packed_bytes(self.layers) <= AUTO_AUTOTUNE_MAX_BYTES else "default"
 
     @torch.inference_mode()
     def warm_up_compiled(self) -> None:
@@ -620,7 +623,7 @@ class Transformer(nn.Module):
             caches = {id(buffer) for module in self.modules() if isinstance(module, KVCache)
                       for buffer in module.buffers()}
             for name, tensor in (*self.named_parameters(), *self.named_buffers()):
-                if id(tensor) not in caches and tensor is not None:
+                if id(tensor) not in caches:
                     digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
                     digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
             self._fingerprint = digest.hexdigest()
