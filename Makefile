@@ -13,7 +13,7 @@ CHECKPOINT ?=
 TOKENIZER ?= $(CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging bench-memory bench-kernels clean
+.PHONY: test-long peers install node go-tools assets protos check-protos lint kubectl test run bench bench-tokenizer bench-model bench-decode bench-engine bench-gateway bench-grammar bench-abuse bench-peers bench-cache bench-paging bench-memory bench-kernels bench-gpu clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -131,5 +131,9 @@ bench-grammar: install assets
 # GGUF file: one table + bench/results/peers.json. The llama.cpp column needs `make peers` (~8 min once).
 # make bench-peers BENCH_PEERS_ARGS="--packed-activations float32": the exact two-halves path; "--model-threads 1": one kernel thread.
 BENCH_PEERS_ARGS ?=
+# Decode on one CUDA device (an 8B-shaped random checkpoint): batch 1 against the bandwidth bound, 64 streams,
+# eager and CUDA graphs, bfloat16 and int4 (bench/gpu_bench.py; on a machine with a GPU and a CUDA torch).
+bench-gpu: install
+	$(PY) bench/gpu_bench.py $(BENCH_GPU_ARGS)
 bench-peers: install assets
 	$(PY) bench/peer_bench.py $(BENCH_PEERS_ARGS)

@@ -37,6 +37,11 @@ def _packed_bytes(module: nn.Module) -> int:
     return sum(b.nbytes for part in module.modules() if isinstance(part, _QuantLinear) for b in part.buffers())
 
 
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n, at least 2: the sizes a CUDA-graph decode step is padded to."""
+    return max(2, 1 << (n - 1).bit_length())
+
+
 def _no_init(x: torch.Tensor) -> torch.Tensor:
     return x  # weights come from a checkpoint; random init of a large model would waste seconds
 
@@ -97,12 +102,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """One layer's share of the paged cache: ``num_blocks`` blocks of ``block_size`` positions."""
+    """One layer's share of the paged cache: ``num_blocks`` blocks of ``block_size`` positions, and one
+    block past them that no block table may name, where the padding rows of a CUDA-graph decode step
+    write their keys and values (``Transformer._run_decode_graph``); on CPU its pages are never touched."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, n_kv_heads, head_dim)
         self.register_buffer("k", _zeros(shape, dtype, torch.device(device)), persistent=False)
         self.register_buffer("v", _zeros(shape, dtype, torch.device(device)), persistent=False)
 
@@ -157,6 +164,10 @@ class _Plan:
     # Multi-token (prompt) chunks, one SDPA call each: (first token, length, blocks, end, mask).
     chunks: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]]
     decode_lengths: torch.Tensor | None = None  # [n_decode] positions each decode sequence attends to
+    # A decode-only step's block tables (the blocks each sequence uses) and the positions each attends to,
+    # as lists: what a CUDA-graph decode step pads to its recorded shape (``Transformer._run_decode_graph``).
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_ends: list[int] = field(default_factory=list)
 
 
 def _blocks_index(table: list[int], device: torch.device) -> torch.Tensor | slice:
@@ -211,6 +222,8 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
                         default=0)
     plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), decode_only, None, None, 0, None, None,
                  gather_blocks, chunks)
+    if decode_only:
+        plan.decode_tables, plan.decode_ends = decode_tables, [pos + 1 for pos in decode_pos]
     if decode_rows:
         plan.decode_rows = None if decode_only else tensor(decode_rows)
         plan.decode_len = max(decode_pos) + 1
@@ -321,8 +334,11 @@ def _attend_decode(xq: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tenso
 # kernel is as fast, and each frozen graph keeps its own repacked copy of the weights. The frozen graphs are
 # cached under a fingerprint of the weights (``Transformer._autotuning``). "auto" (the service's default,
 # ``Transformer.auto_compile_mode``): "max-autotune" where it was measured to pay, a CPU with AMX running
-# packed layers of up to AUTO_AUTOTUNE_MAX_BYTES, else "default".
-COMPILE_MODES = ("auto", "default", "max-autotune")
+# packed layers of up to AUTO_AUTOTUNE_MAX_BYTES, else "default". "reduce-overhead" (CUDA; never auto's choice,
+# unmeasured: no GPU here): every decode-only step runs as a CUDA graph, one replay instead of a dozen-odd
+# kernel launches a layer (inductor's CUDA graph trees, ``Transformer._run_decode_graph``); prompt and mixed
+# steps run as in "default". On a CPU inductor skips the graphs and it computes what "default" does.
+COMPILE_MODES = ("auto", "default", "max-autotune", "reduce-overhead")
 # "auto" autotunes packed layers up to this size: each of the two frozen layer graphs keeps a repacked copy
 # (SmolLM2's 64 MB of packed layers: +183 MB resident, 853 -> 1,036 MB after loading), so a 1B model's
 # ~0.7 GB would cost ~1.5 GB; larger models only under an explicit "max-autotune".
@@ -336,6 +352,9 @@ _FROZEN_INDUCTOR = {"freezing": True}
 # +68 MB resident for both (the one-row graph +27 MB, the many-row one +42 MB); a larger head only
 # under "max-autotune".
 HEAD_AUTOTUNE_MAX_BYTES = 64 * 2**20
+# torch.compile's options for the decode graph of "reduce-overhead": CUDA graphs, one recorded per shape
+# (its padded rows x block-table width: a few dozen, more than the default limit's warning expects).
+DECODE_GRAPH_OPTIONS = {"triton.cudagraphs": True, "triton.cudagraph_dynamic_shape_warn_limit": None}
 # The rows the tables graph is first run with under "max-autotune": the autotuner times the candidates at
 # the size a graph is first built for, and a decode step of many rows is what the templates are for.
 AUTOTUNE_DECODE_ROWS = 16
@@ -486,6 +505,7 @@ class Transformer(nn.Module):
         self._workspace: torch.Tensor | None = None  # the buffer behind _Plan.workspace, grown on demand
         self._compiled_layers = None  # compile(): every layer of a step as one compiled graph
         self._compiled_head = None  # compile(): the final norm and the output layer, a graph of their own
+        self._compiled_decode = None  # compile("reduce-overhead"): decode steps' layers as CUDA graphs
         self._head_autotuned = False  # compile(): that graph built by max-autotune (frozen)
         self._compile_mode = "default"  # compile()'s mode (COMPILE_MODES)
         self._fingerprint: str | None = None  # _weights_fingerprint(), once computed
@@ -546,6 +566,12 @@ class Transformer(nn.Module):
             options |= AUTOTUNE_OPTIONS
         self._compile_mode = mode
         self._compiled_layers = torch.compile(self._layers, dynamic=True, fullgraph=True, options=options)
+        if mode == "reduce-overhead":
+            for cache in (layer.attention.cache for layer in self.layers if layer.attention.cache is not None):
+                for buffer in (cache.k, cache.v):  # written in place by every replay, never reallocated
+                    torch._dynamo.mark_static_address(buffer)
+            self._compiled_decode = torch.compile(self._decode_layers, dynamic=True, fullgraph=True,
+                                                  options=options | DECODE_GRAPH_OPTIONS)
         # A small packed output layer on a CPU is autotuned in every mode: one matmul, seconds to build.
         small_packed_head = self.device.type == "cpu" and 0 < _packed_bytes(self.output) <= HEAD_AUTOTUNE_MAX_BYTES
         self._head_autotuned = mode == "max-autotune" or small_packed_head
@@ -556,7 +582,9 @@ class Transformer(nn.Module):
                          "count; the final norm and output layer a graph of their own"
                          + (" (autotuned: GEMM templates timed against ATen)" if self._head_autotuned else "")
                          + ("; max-autotune: GEMM templates timed against ATen, weights frozen"
-                            if mode == "max-autotune" else ""))
+                            if mode == "max-autotune" else "")
+                         + ("; reduce-overhead: decode steps as CUDA graphs (rows and block tables padded to "
+                            "powers of two)" if mode == "reduce-overhead" else ""))
         return self.compiled
 
     def auto_compile_mode(self) -> str:
@@ -574,13 +602,15 @@ class Transformer(nn.Module):
         decoding over consecutive blocks (the view graph) and over blocks out of order (one token through
         the op), two sequences decoding (the tables graph); with int8 rows (``--packed-activations int8``)
         the prompt and tables graphs again on either side of ``INT8_MIN_ROWS``; the head's, for one row
-        and for many. They write the first blocks of the pool, which hold nothing yet."""
+        and for many. Under "reduce-overhead" a prompt and one decode step: the decode graph serves every
+        decode step. They write the first blocks of the pool, which hold nothing yet."""
         if self._compiled_layers is None or self.rope is None:
             return
         prompt, size = 8, self.block_size
         in_order = list(range(-(-(prompt + 1) // size)))
         if max(len(in_order), 2) > self.num_blocks or max(prompt, size) + 1 > self.max_seq_len:
             return  # a toy pool: its steps compile when they first run
+        tokens = torch.zeros(prompt, dtype=torch.long)
         # "max-autotune": inductor's freezing (the weights as constants, which its GEMM templates need)
         # is read when a graph is built, so it is on while these build the graphs of many rows, and off
         # for the one-row graphs and after: a graph built later (a shape never seen here) runs the ATen
@@ -589,8 +619,14 @@ class Transformer(nn.Module):
             with self._autotuning(True):
                 for rows in (1, AUTOTUNE_DECODE_ROWS):
                     self._run_head(self.tok_embeddings(torch.zeros(rows, dtype=torch.long, device=self.device)))
+        if self._compiled_decode is not None:  # "reduce-overhead": the op graph, then the decode graph
+            self(Batch(tokens, [in_order], [0], [prompt]))
+            # First traced at 4 rows (3 sequences, padded) and 2 blocks: sizes apart, so the compiler gives
+            # them a symbol each (equal sizes would share one, and the next step would compile again).
+            self(Batch(tokens[:3], [[1, 0]] * 3, [size] * 3, [1] * 3))
+            self._warm_up_int8_rows(tokens, in_order, prompt)
+            return
         frozen = self._compile_mode == "max-autotune"
-        tokens = torch.zeros(prompt, dtype=torch.long)
         with self._autotuning(frozen):
             self(Batch(tokens, [in_order], [0], [prompt]))
             if frozen:  # max-autotune times the templates at many rows; several rows all write block 1
@@ -661,6 +697,33 @@ class Transformer(nn.Module):
                 attn = F.scaled_dot_product_attention(q[None], keys[None], values[None]).reshape(1, -1)
             h = layer.attention_output(h, attn)
         return h
+
+    def _decode_layers(self, h: torch.Tensor, rope: torch.Tensor, cache_rows: torch.Tensor, tables: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """A decode step's layers, attending over block tables: what "reduce-overhead" records as CUDA graphs."""
+        return self._layers(h, rope, cache_rows, None, tables, lengths)
+
+    def _run_decode_graph(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """A decode-only step through the decode graph ("reduce-overhead"). A CUDA graph replays the shapes
+        it was recorded with, so the step is padded to one of a few: its rows to a power of two (at least
+        2, a size the compiler does not specialise on), its block tables' width likewise, with block 0
+        (past every sequence's length: masked). Padding rows are zeros, attend to one position and write
+        their keys and values into the cache's spare block (``KVCache``), which no table names; their
+        outputs are dropped. Inductor records a graph the second time a shape runs: at most
+        log2(batch) x log2(blocks a sequence) graphs, sharing one memory pool."""
+        n, rows = h.shape[0], _power_of_two(h.shape[0])
+        width, pad = _power_of_two(max(len(table) for table in plan.decode_tables)), rows - n
+        tables = [table + [0] * (width - len(table)) for table in plan.decode_tables] + [[0] * width] * pad
+        device = h.device
+        tables_t = torch.tensor(tables, dtype=torch.long).to(device, non_blocking=True)
+        lengths = torch.tensor(plan.decode_ends + [1] * pad, dtype=torch.long).to(device, non_blocking=True)
+        cache_rows = F.pad(plan.cache_rows, (0, pad), value=self.num_blocks * self.block_size)
+        h, rope = F.pad(h, (0, 0, 0, pad)), F.pad(rope, (0, 0, 0, 0, 0, pad))
+        for x, dims in ((h, (1,)), (rope, (1, 2))):  # the model's widths: constants, not symbols
+            for dim in dims:
+                torch._dynamo.mark_static(x, dim)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+        return self._compiled_decode(h, rope, cache_rows, tables_t, lengths)[:n]
 
     def _run_compiled(self, h: torch.Tensor, rope: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """The compiled layers on ``h``: batch-1 decode over consecutive blocks through the view graph,
@@ -735,6 +798,8 @@ class Transformer(nn.Module):
         if self._compiled_layers is None:
             for layer in self.layers:
                 h = layer(h, rope, plan)
+        elif self._compiled_decode is not None and plan.decode_only:
+            h = self._run_decode_graph(h, rope, plan)
         else:
             h = self._run_compiled(h, rope, plan)
         if not all_logits:

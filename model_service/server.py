@@ -138,7 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "kernels for the packed int4 matmuls and builds in the faster (the weights frozen into the "
                          "graphs). On a CPU with AMX, SmolLM2 on 2 cores: 16 decoding rows ~45%% faster a step, 64 "
                          "rows ~50%%, prompt chunks ~4x; the first start compiles ~4 min on 2 cores, a restart ~75 s (the "
-                         "frozen graphs cached under a fingerprint of the weights); the process holds ~200 MB more")
+                         "frozen graphs cached under a fingerprint of the weights); the process holds ~200 MB more. "
+                         "'reduce-overhead' (CUDA): decode steps replay CUDA graphs, their rows and block tables "
+                         "padded to powers of two (unmeasured)")
     parser.add_flag("--threads", type=int, default=0,
                     help="CPU threads for the model's kernels, split between tensor-parallel ranks (0: "
                          "OMP_NUM_THREADS if set, else the cores this process may use: its CPU affinity, capped "
@@ -196,9 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.compile = args.device == "cpu" and blocker is None
     elif args.compile and blocker:
         parser.error(f"--compile: {blocker}")
-    if args.compile_mode == "max-autotune" and not args.compile:
+    if args.compile_mode in ("max-autotune", "reduce-overhead") and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} needs the compiled model (--compile)"
                      + (f", which is off here: {blocker}" if blocker else ""))
+    if args.compile_mode == "reduce-overhead" and not args.device.startswith("cuda"):
+        parser.error(f"--compile-mode reduce-overhead records CUDA graphs: it needs --device cuda, not {args.device}")
     return args
 
 

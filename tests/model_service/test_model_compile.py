@@ -85,6 +85,9 @@ def test_compile_flag_default_and_its_environment_twin(monkeypatch):
     assert config("--compile-mode", "max-autotune").compile_mode == "max-autotune"
     with pytest.raises(SystemExit):
         config("--no-compile", "--compile-mode", "max-autotune")  # a mode of the compiled model
+    with pytest.raises(SystemExit):
+        config("--compile", "--compile-mode", "reduce-overhead")  # CUDA graphs: not on a CPU
+    assert config("--device", "cuda", "--compile", "--compile-mode", "reduce-overhead").compile_mode == "reduce-overhead"
     assert not config("--tp", "2").compile  # collectives run eager: off by default ...
     with pytest.raises(SystemExit):
         config("--tp", "2", "--compile")  # ... and refused when asked for
@@ -108,7 +111,10 @@ IN_GRAPH = model_module.TABLES_MAX_CONTEXT
     ("int4", "bfloat16", IN_GRAPH, "default"), ("int4", "bfloat16", 0, "default"),
     ("int4", "int8", IN_GRAPH, "default"),  # steps of several tokens through the int8 op (--packed-activations int8)
     ("int4", "bfloat16", IN_GRAPH, "max-autotune"),  # GEMM templates timed against ATen, weights frozen
-], ids=["none-in-graph", "none-op", "int4-in-graph", "int4-op", "int4-int8-in-graph", "int4-max-autotune"])
+    # decode steps padded to the shapes of CUDA graphs (on a CPU inductor skips the graphs themselves)
+    ("none", "bfloat16", IN_GRAPH, "reduce-overhead"), ("int4", "bfloat16", IN_GRAPH, "reduce-overhead"),
+], ids=["none-in-graph", "none-op", "int4-in-graph", "int4-op", "int4-int8-in-graph", "int4-max-autotune",
+        "none-reduce-overhead", "int4-reduce-overhead"])
 def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize, activations, tables_max_context,
                                                     mode, monkeypatch):
     # The same steps on an eager and a compiled model: prompts in blocks in no order (one block shared),
@@ -157,6 +163,12 @@ def test_compiled_steps_of_every_layout_equal_eager(tiny_checkpoints, quantize, 
             compiled = models[True](batch, all_logits=True)
         eager = models[False](batch, all_logits=True)
         torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol, msg=lambda m, i=i: f"step {i}: {m}")
+    # Both wrote the same keys and values to the same blocks; nothing but the spare block past the pool
+    # (where padded rows of "reduce-overhead" write) holds anything else.
+    for layer, eager_layer in zip(models[True].layers, models[False].layers, strict=True):
+        for name in ("k", "v"):
+            got, expected = getattr(layer.attention.cache, name), getattr(eager_layer.attention.cache, name)
+            torch.testing.assert_close(got[:-1], expected[:-1], rtol=tol, atol=tol)
 
 
 def test_auto_compile_mode_autotunes_small_packed_layers_on_a_cpu_with_amx(tiny_checkpoints, monkeypatch):

@@ -47,6 +47,35 @@ def test_smollm2_on_cuda_in_bfloat16_answers_like_on_cpu():
     assert loaded.model(batch).argmax().item() == cpu(batch).argmax().item()
 
 
+@requires_cuda
+def test_reduce_overhead_decodes_through_cuda_graphs_with_the_eager_logits(tiny_checkpoints):
+    # Five prompts, then decode steps of 5, 3 and 1 sequences (rows padded to 8, 4, 2), each repeated so
+    # that inductor records its graph (a shape's second run), over contexts that cross block-table widths.
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    counters.clear()
+    models = {compile: build(tiny_checkpoints["hf"], device="cuda", dtype="float32", max_batch_size=8,
+                             max_seq_len=128, compile=compile, compile_mode="reduce-overhead").model
+              for compile in (False, True)}
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=gen) for n in (9, 20, 31, 14, 3)]
+    positions = [len(p) for p in prompts]
+    steps = [Batch(torch.cat(prompts), list(range(5)), [0] * 5, positions[:])]
+    for count in (5, 3, 1):
+        for _ in range(12):
+            steps.append(Batch(torch.randint(0, 512, (count,), generator=gen), list(range(count)),
+                               positions[:count], [1] * count))
+            positions[:count] = [p + 1 for p in positions[:count]]
+    for i, batch in enumerate(steps):
+        got, expected = (models[compile](batch).cpu() for compile in (True, False))
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3, msg=lambda m, i=i: f"step {i}: {m}")
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and manager.roots, "no CUDA graph was recorded"
+
+
 def _rank_run(rank: int, path: Path) -> torch.Tensor:
     return run(path, f"cuda:{rank}", "bfloat16")
 
