@@ -164,10 +164,10 @@ class _Plan:
     # Multi-token (prompt) chunks, one SDPA call each: (first token, length, blocks, end, mask).
     chunks: list[tuple[int, int, torch.Tensor | slice, int, torch.Tensor | None]]
     decode_lengths: torch.Tensor | None = None  # [n_decode] positions each decode sequence attends to
-    # A decode-only step's block tables (the blocks each sequence uses) and the positions each attends to,
-    # as lists: what a CUDA-graph decode step pads to its recorded shape (``Transformer._run_decode_graph``).
+    # A decode-only step's block tables (the blocks each sequence uses) and its new tokens' positions, as
+    # lists: what a CUDA-graph decode step pads to its recorded shape (``Transformer._run_decode_graph``).
     decode_tables: list[list[int]] = field(default_factory=list)
-    decode_ends: list[int] = field(default_factory=list)
+    decode_pos: list[int] = field(default_factory=list)
 
 
 def _blocks_index(table: list[int], device: torch.device) -> torch.Tensor | slice:
@@ -223,7 +223,7 @@ def _make_plan(batch: Batch, block_size: int, num_blocks: int, max_seq_len: int,
     plan = _Plan(tensor(positions), tensor(cache_rows), tensor(last_rows), decode_only, None, None, 0, None, None,
                  gather_blocks, chunks)
     if decode_only:
-        plan.decode_tables, plan.decode_ends = decode_tables, [pos + 1 for pos in decode_pos]
+        plan.decode_tables, plan.decode_pos = decode_tables, decode_pos
     if decode_rows:
         plan.decode_rows = None if decode_only else tensor(decode_rows)
         plan.decode_len = max(decode_pos) + 1
@@ -619,21 +619,21 @@ class Transformer(nn.Module):
             with self._autotuning(True):
                 for rows in (1, AUTOTUNE_DECODE_ROWS):
                     self._run_head(self.tok_embeddings(torch.zeros(rows, dtype=torch.long, device=self.device)))
-        if self._compiled_decode is not None:  # "reduce-overhead": the op graph, then the decode graph
-            self(Batch(tokens, [in_order], [0], [prompt]))
-            # First traced at 4 rows (3 sequences, padded) and 2 blocks: sizes apart, so the compiler gives
-            # them a symbol each (equal sizes would share one, and the next step would compile again).
-            self(Batch(tokens[:3], [[1, 0]] * 3, [size] * 3, [1] * 3))
-            self._warm_up_int8_rows(tokens, in_order, prompt)
-            return
         frozen = self._compile_mode == "max-autotune"
+        graphs = self._compiled_decode is not None  # "reduce-overhead": every decode step takes the decode graph
         with self._autotuning(frozen):
             self(Batch(tokens, [in_order], [0], [prompt]))
             if frozen:  # max-autotune times the templates at many rows; several rows all write block 1
                 rows = AUTOTUNE_DECODE_ROWS
                 self(Batch(torch.zeros(rows, dtype=torch.long), [[1, 0]] * rows, [size] * rows, [1] * rows))
-            self(Batch(tokens[:2], [in_order, [1, 0]], [prompt, size], [1, 1]))
+            # Two sequences decoding; under "reduce-overhead" three, so the decode graph is first traced at 4
+            # rows (padded) and 2 blocks: sizes apart, which the compiler gives a symbol each (equal sizes
+            # would share one, and the next step would compile again).
+            n = 3 if graphs else 2
+            self(Batch(tokens[:n], [in_order] + [[1, 0]] * (n - 1), [prompt] + [size] * (n - 1), [1] * n))
             self._warm_up_int8_rows(tokens, in_order, prompt)
+        if graphs:
+            return  # the one-row steps below take the decode graph too
         # One row: the ATen kernels in every mode (SmolLM2, 2 CPU threads with AMX: 8.4 ms a batch-1 step
         # on them, 8.2 frozen on the template, which would add ~45 MB and ~1 min of compiling a graph).
         self(Batch(tokens[:1], [in_order], [prompt], [1]))
@@ -716,7 +716,8 @@ class Transformer(nn.Module):
         tables = [table + [0] * (width - len(table)) for table in plan.decode_tables] + [[0] * width] * pad
         device = h.device
         tables_t = torch.tensor(tables, dtype=torch.long).to(device, non_blocking=True)
-        lengths = torch.tensor(plan.decode_ends + [1] * pad, dtype=torch.long).to(device, non_blocking=True)
+        lengths = torch.tensor([pos + 1 for pos in plan.decode_pos] + [1] * pad, dtype=torch.long).to(
+            device, non_blocking=True)
         cache_rows = F.pad(plan.cache_rows, (0, pad), value=self.num_blocks * self.block_size)
         h, rope = F.pad(h, (0, 0, 0, pad)), F.pad(rope, (0, 0, 0, 0, 0, pad))
         for x, dims in ((h, (1,)), (rope, (1, 2))):  # the model's widths: constants, not symbols

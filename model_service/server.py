@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compile_mode in ("max-autotune", "reduce-overhead") and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} needs the compiled model (--compile)"
                      + (f", which is off here: {blocker}" if blocker else ""))
-    if args.compile_mode == "reduce-overhead" and not args.device.startswith("cuda"):
+    if args.compile_mode == "reduce-overhead" and args.device != "cuda":
         parser.error(f"--compile-mode reduce-overhead records CUDA graphs: it needs --device cuda, not {args.device}")
     return args
 
